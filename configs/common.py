@@ -1,0 +1,86 @@
+"""Defaults shared by every config; variants import this and override fields.
+
+Every field a command line may override must exist here, because configs are
+locked (`lock_config`) so that a typo such as `--config.max_step=5` fails
+loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Returns the full default config tree (values sized for a CPU smoke run)."""
+  c = ml_collections.ConfigDict()
+
+  c.seed = 0
+  # "dpo" | "sft" (and "rpo" once it lands).
+  c.objective = "dpo"
+  # DPO temperature; the official SD1.5/SDXL runs use 5000.
+  c.beta = 5000.0
+  c.max_steps = 20
+  c.log_every = 1
+  c.eval_every = 0  # 0 = only at the end.
+  c.checkpoint_every = 10
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+
+  # Device mesh: product must equal the device count; -1 = all remaining.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  # Regex rules over "/"-joined parameter paths, first match wins. A spec is
+  # "fsdp" (shard the largest dimension divisible by the fsdp axis), "replicate",
+  # or a comma-separated per-dimension list like "None,None,None,fsdp".
+  c.sharding_rules = ((".*", "fsdp"),)
+  # Arrays smaller than this stay replicated: sharding tiny biases only adds
+  # collectives.
+  c.fsdp_min_size = 2**14
+
+  c.precision = ml_collections.ConfigDict()
+  c.precision.compute_dtype = "float32"  # UNet activations: float32 | bfloat16.
+  c.precision.ref_dtype = "float32"  # Frozen reference params.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.sample_size = 16
+  c.model.in_channels = 4
+  c.model.out_channels = 4
+  c.model.block_out_channels = (32, 64)
+  c.model.layers_per_block = 1
+  c.model.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")
+  c.model.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
+  c.model.attention_head_dim = 8
+  c.model.cross_attention_dim = 32
+  # diffusers' query-chunked attention (lower memory; on CPU faster forward).
+  c.model.use_memory_efficient_attention = False
+
+  c.scheduler = ml_collections.ConfigDict()
+  c.scheduler.num_train_timesteps = 1000
+  c.scheduler.beta_schedule = "scaled_linear"
+  c.scheduler.beta_start = 0.00085
+  c.scheduler.beta_end = 0.012
+  c.scheduler.prediction_type = "epsilon"  # epsilon | v_prediction
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"  # adamw | adafactor
+  c.optim.lr = 1e-4
+  c.optim.warmup_frac = 0.25  # Constant schedule after a linear warmup.
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 1e-2
+  c.optim.clip_norm = 1.0
+  # Micro-batches per optimizer step, scanned inside one jitted step.
+  c.optim.grad_accum = 1
+  # Abort after this many consecutive non-finite steps (each one is skipped).
+  c.optim.max_consecutive_nonfinite = 10
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"
+  c.data.global_batch_size = 8  # Preference pairs per optimizer step.
+  c.data.num_examples = 256
+  c.data.num_prompts = 16
+  c.data.seq_len = 8
+  c.data.eval_batch_size = 16
+  return c

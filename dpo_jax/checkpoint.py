@@ -1,0 +1,107 @@
+"""orbax checkpoints of the train state, the data-iterator position and the config.
+
+Layout: `workdir/checkpoints/<step>/{state,data,meta}`; `state` is the sharded
+TrainState plus the base RNG key, `data` is the input iterator's JSON state,
+`meta` the config and a few facts about the run. The frozen reference and the
+pretrained components are never written here: they are reloaded from
+`config.pretrained_path` (or rebuilt from the seed) on resume.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+ITEMS = ("state", "data", "meta")
+
+
+def make_manager(
+  directory: str | epath.Path, keep: int, async_save: bool = True
+) -> ocp.CheckpointManager:
+  """A CheckpointManager that keeps the `keep` newest steps."""
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep,
+    create=True,
+    enable_async_checkpointing=async_save,
+    # Leftover `*.orbax-checkpoint-tmp-*` dirs from a killed save are removed
+    # on start; they were never committed, so nothing valid is lost.
+    cleanup_tmp_directories=True,
+  )
+  return ocp.CheckpointManager(epath.Path(directory), options=options, item_names=ITEMS)
+
+
+def save(
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  data_state: dict[str, Any],
+  meta: dict[str, Any],
+  force: bool = False,
+) -> bool:
+  """Starts an (async) save; returns whether a save was started."""
+  return manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave(data_state),
+      meta=ocp.args.JsonSave(meta),
+    ),
+    force=force,
+  )
+
+
+def _quarantine(manager: ocp.CheckpointManager, step: int) -> None:
+  """Moves a broken step aside (never deletes it) so a new save can reuse the number."""
+  src = epath.Path(manager.directory) / str(step)
+  if jax.process_index() == 0 and src.exists():
+    dst = src.parent / f"corrupt-{step}-{int(time.time())}"
+    src.rename(dst)
+    logging.warning("Moved unreadable checkpoint %s to %s.", src, dst)
+  ocp.multihost.sync_global_processes(f"dpo_jax_quarantine_{step}")
+  manager.reload()
+
+
+def restore_latest_valid(
+  manager: ocp.CheckpointManager, abstract_state: Any
+) -> tuple[int, Any, dict[str, Any]] | None:
+  """Restores the newest step that reads back completely.
+
+  A step that fails to restore (e.g. a file truncated by a crash during an
+  upload, or a half-copied directory) is logged, moved aside and the previous
+  step is tried, so an interrupted run always resumes from the newest intact
+  state.
+
+  Args:
+    manager: the workdir's manager.
+    abstract_state: pytree of `jax.ShapeDtypeStruct` with shardings; arrays are
+      restored directly into those shardings.
+
+  Returns:
+    (step, state, data_state), or None when there is no readable checkpoint.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=ocp.args.JsonRestore(),
+        ),
+      )
+    except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable".
+      logging.warning(
+        "Checkpoint step %d in %s is unreadable (%s: %s); falling back to an older step.",
+        step,
+        manager.directory,
+        type(e).__name__,
+        str(e)[:500],
+      )
+      _quarantine(manager, step)
+      continue
+    return step, restored.state, dict(restored.data)
+  return None

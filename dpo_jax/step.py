@@ -1,0 +1,230 @@
+"""The train state and the pure, module-level train/eval steps.
+
+Batch format (the contract every data source produces; shapes are global, B =
+preference pairs):
+  latents_w: [B, C, H, W] preferred-image latents (already scaled by the VAE factor)
+  latents_l: [B, C, H, W] rejected-image latents
+  context:   [B, L, D]    text-encoder hidden states for the prompt
+  added_cond (optional, SDXL): {"text_embeds": [B, E], "time_ids": [B, 6]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from diffusers.schedulers.scheduling_utils_flax import CommonSchedulerState
+
+from dpo_jax import diffusion, losses
+
+Batch = dict[str, Any]
+Metrics = dict[str, jax.Array]
+OBJECTIVES = ("dpo", "sft")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (the reference is not here).
+
+  Attributes:
+    step: int32 scalar, number of completed optimizer steps (skipped ones too).
+    params: float32 master weights of the trained UNet.
+    opt_state: optax state; its outer `ApplyIfFiniteState` counts skipped steps.
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """Compile-time description of the objective and model, bound into the jitted step.
+
+  `schedule` holds the (small) noise-schedule arrays; they become constants of
+  the compiled step.
+  """
+
+  apply_fn: Callable[..., jax.Array]
+  tx: optax.GradientTransformation
+  lr_fn: optax.Schedule
+  schedule: CommonSchedulerState
+  objective: str
+  beta: float
+  prediction_type: str
+  num_train_timesteps: int
+  grad_accum: int = 1
+
+
+def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def _interleave(x: jax.Array) -> jax.Array:
+  """[B, ...] -> [2B, ...] with each row twice: keeps pair i's rows on one device."""
+  return jnp.repeat(x, 2, axis=0)
+
+
+def pair_mses(
+  spec: StepSpec,
+  params: Any,
+  batch: Batch,
+  noise: jax.Array,
+  timesteps: jax.Array,
+  with_loser: bool = True,
+) -> tuple[jax.Array, jax.Array | None]:
+  """Per-pair UNet MSEs on winner and loser under the *same* noise and timestep.
+
+  Winner and loser are interleaved (w0, l0, w1, l1, ...) rather than
+  concatenated so that one forward pass covers both while every device keeps
+  the rows of its own pairs: concatenating along the sharded batch axis would
+  move half the batch across devices.
+
+  Returns:
+    (mse_w [B], mse_l [B]) or (mse_w, None) when `with_loser` is False.
+  """
+  if with_loser:
+    x0 = jnp.stack([batch["latents_w"], batch["latents_l"]], axis=1)
+    x0 = x0.reshape((-1,) + x0.shape[2:])
+    rep = _interleave
+  else:
+    x0 = batch["latents_w"]
+    rep = lambda x: x
+  eps, t = rep(noise), rep(timesteps)
+  noisy = diffusion.q_sample(spec.schedule, x0, eps, t)
+  target = diffusion.training_target(spec.schedule, spec.prediction_type, x0, eps, t)
+  added = batch.get("added_cond")
+  added = None if added is None else jax.tree.map(rep, added)
+  pred = spec.apply_fn(params, noisy, t, rep(batch["context"]), added)
+  mse = diffusion.per_sample_mse(pred, target)
+  if not with_loser:
+    return mse, None
+  mse = mse.reshape(-1, 2)
+  return mse[:, 0], mse[:, 1]
+
+
+def objective_loss(
+  spec: StepSpec, params: Any, ref_params: Any, batch: Batch, rng: chex.PRNGKey
+) -> tuple[jax.Array, Metrics]:
+  """The configured objective on one (micro-)batch.  -> (scalar loss, metrics)."""
+  b = batch["latents_w"].shape[0]
+  noise, t = diffusion.sample_noise_and_timesteps(
+    rng, (b,) + batch["latents_w"].shape[1:], spec.num_train_timesteps
+  )
+  if spec.objective == "sft":
+    mse_w, _ = pair_mses(spec, params, batch, noise, t, with_loser=False)
+    return losses.sft_loss(mse_w)
+  if spec.objective == "dpo":
+    # The reference sees identical inputs; stop_gradient makes it a constant of
+    # the loss even if someone passes the policy params as the reference.
+    ref_w, ref_l = jax.tree.map(jax.lax.stop_gradient, pair_mses(spec, ref_params, batch, noise, t))
+    pol_w, pol_l = pair_mses(spec, params, batch, noise, t)
+    return losses.dpo_loss(pol_w, pol_l, ref_w, ref_l, spec.beta)
+  raise ValueError(f"Unknown objective {spec.objective!r}; expected one of {OBJECTIVES}.")
+
+
+def _split_micro(x: jax.Array, n: int) -> jax.Array:
+  """[B, ...] -> [n, B/n, ...], micro-batch j = rows {i*n + j}.
+
+  Reshaping to [B/n, n] keeps the sharded leading axis contiguous per device
+  (no communication); the swap is a local transpose.
+  """
+  return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+
+
+def loss_and_grads(
+  spec: StepSpec, params: Any, ref_params: Any, batch: Batch, rng: chex.PRNGKey
+) -> tuple[jax.Array, Metrics, Any]:
+  """Loss, metrics and gradients, accumulated over `spec.grad_accum` micro-batches."""
+  grad_fn = jax.value_and_grad(
+    lambda p, b, r: objective_loss(spec, p, ref_params, b, r), has_aux=True
+  )
+  if spec.grad_accum == 1:
+    (loss, metrics), grads = grad_fn(params, batch, rng)
+    return loss, metrics, grads
+
+  micro = jax.tree.map(lambda x: _split_micro(x, spec.grad_accum), batch)
+
+  def body(carry, xs):
+    idx, mb = xs
+    (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, idx))
+    acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+    return acc, None
+
+  zeros = jax.tree.map(
+    jnp.zeros_like,
+    jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)),
+  )
+  zeros = (zeros[0][0], zeros[0][1], zeros[1])
+  (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(spec.grad_accum), micro))
+  inv = 1.0 / spec.grad_accum
+  return jax.tree.map(lambda x: x * inv, (loss, metrics, grads))
+
+
+def train_step(
+  state: TrainState, ref_params: Any, batch: Batch, rng: chex.PRNGKey, *, spec: StepSpec
+) -> tuple[TrainState, Metrics]:
+  """One optimizer step.  Pure; jit it with `spec` bound (see `jit_train_step`).
+
+  Args:
+    state: current train state (donated by the jitted version).
+    ref_params: frozen reference UNet params (never updated, never donated).
+    batch: global batch (see module docstring).
+    rng: base PRNG key; the step folds in `state.step`, so a resumed run draws
+      exactly the noise an uninterrupted run would.
+
+  Returns:
+    (new_state, metrics) with scalar metrics.
+  """
+  step_rng = jax.random.fold_in(rng, state.step)
+  loss, metrics, grads = loss_and_grads(spec, state.params, ref_params, batch, step_rng)
+  # A non-finite loss with finite gradients must not slip through either.
+  grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  skipped = jnp.logical_not(opt_state.last_finite)
+  applied_updates = state.step + 1 - opt_state.total_notfinite
+  metrics = dict(
+    metrics,
+    loss=loss,
+    grad_norm=grad_norm,
+    lr=spec.lr_fn(jnp.maximum(applied_updates - 1, 0)),
+    skipped=skipped.astype(jnp.float32),
+    total_skipped=opt_state.total_notfinite,
+    consecutive_skipped=opt_state.notfinite_count,
+  )
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(
+  params: Any, ref_params: Any, batch: Batch, rng: chex.PRNGKey, *, spec: StepSpec
+) -> Metrics:
+  """Objective metrics on a fixed batch with fixed noise (no gradients)."""
+  loss, metrics = objective_loss(spec, params, ref_params, batch, rng)
+  return dict(metrics, loss=loss)
+
+
+def jit_train_step(spec: StepSpec, state_shardings, ref_shardings, batch_shardings, replicated):
+  """jit with explicit shardings; the state is donated so XLA updates it in place."""
+  return jax.jit(
+    functools.partial(train_step, spec=spec),
+    in_shardings=(state_shardings, ref_shardings, batch_shardings, replicated),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+  )
+
+
+def jit_eval_step(spec: StepSpec, param_shardings, ref_shardings, batch_shardings, replicated):
+  return jax.jit(
+    functools.partial(eval_step, spec=spec),
+    in_shardings=(param_shardings, ref_shardings, batch_shardings, replicated),
+    out_shardings=replicated,
+  )

@@ -1,0 +1,1 @@
+"""Toy text-to-image world (coloured shapes in quadrants) and its model-free reward."""

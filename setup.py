@@ -1,0 +1,44 @@
+"""dpo_jax: Diffusion-DPO / Diffusion-RPO preference tuning for Stable Diffusion in JAX."""
+
+from setuptools import find_packages, setup
+
+# Pinned to the last releases that still ship Flax models (diffusers 0.40 drops
+# them). Ranges elsewhere are the ones this tree is tested with.
+INSTALL_REQUIRES = [
+  "jax>=0.10,<0.11",
+  "flax>=0.12,<0.13",
+  "optax>=0.2.8,<0.3",
+  "orbax-checkpoint>=0.12,<0.13",
+  "chex>=0.1.92",
+  "ml_collections>=1.1",
+  "absl-py>=2.1",
+  "clu>=0.0.12",
+  "tensorboard>=2.20",
+  "diffusers==0.39.0",
+  "transformers>=4.57,<5",
+  "safetensors>=0.4",
+  "tensorflow-cpu>=2.20",
+  "tensorflow-datasets>=4.9.9",
+  "grain>=0.2.12",
+  "pyarrow>=15",
+  "pillow>=10",
+  "numpy>=1.26",
+  "tqdm>=4.66",
+]
+
+EXTRAS_REQUIRE = {
+  # torch (CPU) is only needed for PyTorch parity and export tests.
+  "torch": ["torch>=2.4"],
+  # torch==2.13.0 resolves to the local CPU wheel on machines that ship one.
+  "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "torch==2.13.0"],
+}
+
+setup(
+  name="dpo_jax",
+  version="0.1.0",
+  description="Diffusion-DPO and Diffusion-RPO for Stable Diffusion in JAX/Flax.",
+  packages=find_packages(include=["dpo_jax", "dpo_jax.*", "configs"]),
+  python_requires=">=3.10",
+  install_requires=INSTALL_REQUIRES,
+  extras_require=EXTRAS_REQUIRE,
+)

@@ -1,0 +1,168 @@
+"""The pure train/eval step on a tiny UNet: noise sharing, reference, accumulation, NaN skip."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpo_jax import diffusion, optim
+from dpo_jax import step as step_lib
+from dpo_jax.data import synthetic
+from dpo_jax.models import unet as unet_lib
+from dpo_jax.trainer import build_step_spec
+
+
+@functools.cache
+def _setup_cached(objective="dpo", grad_accum=1):
+  """A one-level UNet (fast to compile); cached so each variant compiles once."""
+  from configs import tiny
+
+  config = tiny.get_config()
+  config.unlock()
+  config.model.sample_size = 8
+  config.model.block_out_channels = (32,)
+  config.model.down_block_types = ("CrossAttnDownBlock2D",)
+  config.model.up_block_types = ("CrossAttnUpBlock2D",)
+  return _setup(config, objective=objective, grad_accum=grad_accum)
+
+
+@functools.cache
+def _jitted_train(objective="dpo"):
+  spec = _setup_cached(objective)[0]
+  return jax.jit(lambda s, r, b, k: step_lib.train_step(s, r, b, k, spec=spec))
+
+
+@functools.cache
+def _jitted_eval(objective="dpo"):
+  spec = _setup_cached(objective)[0]
+  return jax.jit(lambda p, r, b, k: step_lib.eval_step(p, r, b, k, spec=spec))
+
+
+def _setup(config, objective="dpo", lr=3e-4, grad_accum=1, batch_size=4):
+  config.objective = objective
+  config.optim.lr = lr
+  config.optim.warmup_frac = 0.0
+  config.optim.grad_accum = grad_accum
+  unet = unet_lib.unet_from_config(config.model)
+  tx, lr_fn = optim.make_optimizer(config.optim, config.max_steps)
+  spec = build_step_spec(config, unet_lib.make_unet_apply(unet), tx, lr_fn)
+  params = unet_lib.init_unet_params(unet, jax.random.PRNGKey(0))
+  data = synthetic.make_synthetic_pairs(batch_size, 2, (4, 8, 8), 8, 32, seed=0)
+  batch = jax.tree.map(jnp.asarray, data)
+  return spec, params, batch
+
+
+def test_same_noise_and_timestep_for_winner_and_loser():
+  spec, params, batch = _setup_cached()
+  batch = dict(batch, latents_l=batch["latents_w"])
+  noise, t = diffusion.sample_noise_and_timesteps(jax.random.PRNGKey(1), (4, 4, 8, 8), 1000)
+
+  @functools.partial(jax.jit, static_argnames="with_loser")
+  def mses(batch, with_loser):
+    return step_lib.pair_mses(spec, params, batch, noise, t, with_loser=with_loser)
+
+  mse_w, mse_l = mses(batch, True)
+  # Identical images give identical errors only if noise and t are shared.
+  np.testing.assert_array_equal(np.asarray(mse_w), np.asarray(mse_l))
+  # And the interleaved pass equals separate passes per side.
+  alone, _ = mses(batch, False)
+  np.testing.assert_allclose(alone, mse_w, rtol=1e-5)
+
+
+def test_step0_loss_is_log2_and_reference_gets_no_gradient():
+  spec, params, batch = _setup_cached()
+  state = step_lib.init_train_state(params, spec.tx)
+  new_state, m = _jitted_train()(state, params, batch, jax.random.PRNGKey(0))
+  assert float(m["loss"]) == pytest.approx(math.log(2.0), abs=1e-6)
+  assert float(m["implicit_acc"]) == 0.0
+  assert float(m["grad_norm"]) > 0
+  assert int(new_state.step) == 1
+  # The reference's gradient is identically zero, even with ref == policy.
+  g_ref = jax.jit(
+    jax.grad(lambda r: step_lib.objective_loss(spec, params, r, batch, jax.random.PRNGKey(0))[0])
+  )(params)
+  assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(g_ref))
+  # The optimizer state holds moments for the policy params only (mu, nu).
+  n_param_leaves = len(jax.tree.leaves(params))
+  n_opt_arrays = sum(1 for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
+  assert n_opt_arrays == 2 * n_param_leaves
+
+
+@pytest.mark.parametrize("objective", ["dpo", "sft"])
+def test_one_step_lowers_loss_on_fixed_batch(objective):
+  spec, params, batch = _setup_cached(objective)
+  ref = params
+  state = step_lib.init_train_state(params, spec.tx)
+  rng = jax.random.PRNGKey(7)
+  # Evaluate with the key step 0 uses, i.e. the very objective the step descends.
+  step0_key = jax.random.fold_in(rng, 0)
+  before = _jitted_eval(objective)(state.params, ref, batch, step0_key)
+  state, _ = _jitted_train(objective)(state, ref, batch, rng)
+  after = _jitted_eval(objective)(state.params, ref, batch, step0_key)
+  assert float(after["loss"]) < float(before["loss"])
+  if objective == "dpo":
+    assert float(before["loss"]) == pytest.approx(math.log(2.0), abs=1e-6)
+
+
+def test_gradient_accumulation_averages_micro_batches():
+  spec2, params, batch = _setup_cached(grad_accum=2)
+  spec1 = _setup_cached()[0]
+  rng = jax.random.PRNGKey(3)
+  # Perturb the reference so the DPO gradient is not degenerate.
+  ref = jax.tree.map(lambda x: x * 0.9, params)
+  loss, _, grads = jax.jit(functools.partial(step_lib.loss_and_grads, spec2))(
+    params, ref, batch, rng
+  )
+  # Independent computation: the two micro-batches (rows {2i+j}) with their keys.
+  lg1 = jax.jit(functools.partial(step_lib.loss_and_grads, spec1))
+  manual = [
+    lg1(params, ref, jax.tree.map(lambda x, j=j: x[j::2], batch), jax.random.fold_in(rng, j))
+    for j in range(2)
+  ]
+  np.testing.assert_allclose(loss, (manual[0][0] + manual[1][0]) / 2, rtol=1e-5)
+  expected = jax.tree.map(lambda a, b: (a + b) / 2, manual[0][2], manual[1][2])
+  scale = max(float(np.abs(e).max()) for e in jax.tree.leaves(expected))
+  # Some leaves (e.g. biases feeding a GroupNorm) have float-noise gradients,
+  # so the absolute tolerance is relative to the largest gradient anywhere.
+  for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+  spec, params, batch = _setup_cached()
+  state = step_lib.init_train_state(params, spec.tx)
+  train = _jitted_train()
+  bad = dict(batch, latents_w=batch["latents_w"].at[0, 0, 0, 0].set(jnp.nan))
+  state1, m = train(state, params, bad, jax.random.PRNGKey(0))
+  assert not np.isfinite(float(m["loss"]))
+  assert float(m["skipped"]) == 1.0 and int(m["total_skipped"]) == 1
+  assert int(state1.step) == 1
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state1.params)):
+    np.testing.assert_array_equal(a, b)
+  # A later finite step is applied normally and the consecutive counter resets.
+  state2, m2 = train(state1, params, batch, jax.random.PRNGKey(0))
+  assert float(m2["skipped"]) == 0.0 and int(m2["consecutive_skipped"]) == 0
+  assert int(m2["total_skipped"]) == 1
+  changed = any(
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state2.params))
+  )
+  assert changed
+
+
+def test_v_prediction_target(tiny_config):
+  sched = diffusion.make_noise_schedule(
+    dict(tiny_config.scheduler.to_dict(), prediction_type="v_prediction")
+  )
+  x0 = jnp.ones((2, 4, 2, 2))
+  eps = jnp.full((2, 4, 2, 2), 2.0)
+  t = jnp.array([0, 999])
+  v = diffusion.training_target(sched, "v_prediction", x0, eps, t)
+  a = np.asarray(sched.alphas_cumprod)[[0, 999]]
+  expected = np.sqrt(a)[:, None, None, None] * 2.0 - np.sqrt(1 - a)[:, None, None, None] * 1.0
+  np.testing.assert_allclose(v, np.broadcast_to(expected, v.shape), rtol=1e-5)
+  with pytest.raises(ValueError, match="prediction_type"):
+    diffusion.make_noise_schedule({"prediction_type": "sample"})
