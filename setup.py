@@ -30,7 +30,13 @@ EXTRAS_REQUIRE = {
   # torch (CPU) is only needed for PyTorch parity and export tests.
   "torch": ["torch>=2.4"],
   # torch==2.13.0 resolves to the local CPU wheel on machines that ship one.
-  "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "torch==2.13.0"],
+  "test": [
+    "pytest>=8",
+    "pytest-xdist>=3.5",
+    "portpicker>=1.6",
+    "ruff>=0.6",
+    "torch==2.13.0",
+  ],
 }
 
 setup(

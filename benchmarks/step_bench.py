@@ -67,12 +67,12 @@ def time_step(objective: str, pairs: int, size: int, iters: int) -> dict[str, fl
     times.append(time.perf_counter() - t0)
   med = float(np.median(times))
   return {
-      "compile_s": compile_s,
-      "step_s_median": med,
-      "step_s_min": float(np.min(times)),
-      "steps_per_s": 1.0 / med,
-      "pairs_per_s": pairs / med,
-      "flops_per_step": trainer._flops(compiled),
+    "compile_s": compile_s,
+    "step_s_median": med,
+    "step_s_min": float(np.min(times)),
+    "steps_per_s": 1.0 / med,
+    "pairs_per_s": pairs / med,
+    "flops_per_step": trainer._flops(compiled),
   }
 
 
@@ -88,19 +88,19 @@ def main() -> None:
   ratio = results["dpo"]["step_s_median"] / results["sft"]["step_s_median"]
   for o, r in results.items():
     print(
-        f"{o}: {r['steps_per_s']:.3f} steps/s, {r['pairs_per_s']:.2f} pairs/s, "
-        f"median {r['step_s_median']:.3f} s/step (compile {r['compile_s']:.1f} s)"
+      f"{o}: {r['steps_per_s']:.3f} steps/s, {r['pairs_per_s']:.2f} pairs/s, "
+      f"median {r['step_s_median']:.3f} s/step (compile {r['compile_s']:.1f} s)"
     )
   print(f"DPO/SFT step time ratio: {ratio:.2f} (ideal ~{8 / 3:.2f} for the same pairs)")
   out = {
-      "backend": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()],
-      "machine": platform.machine(),
-      "cpu_count": os.cpu_count(),
-      "pairs": args.pairs,
-      "latent_size": args.size,
-      "results": results,
-      "dpo_over_sft": ratio,
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "machine": platform.machine(),
+    "cpu_count": os.cpu_count(),
+    "pairs": args.pairs,
+    "latent_size": args.size,
+    "results": results,
+    "dpo_over_sft": ratio,
   }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:

@@ -83,4 +83,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.num_prompts = 16
   c.data.seq_len = 8
   c.data.eval_batch_size = 16
+  # Probability of training a pair on the empty prompt instead of its caption.
+  c.data.caption_dropout = 0.0
   return c

@@ -61,6 +61,11 @@ class StepSpec:
   prediction_type: str
   num_train_timesteps: int
   grad_accum: int = 1
+  # Probability of replacing a pair's prompt by the empty prompt (the official
+  # trainers' caption dropout, which keeps classifier-free guidance working).
+  caption_dropout: float = 0.0
+  # Empty-prompt conditioning: {"context": [L, D]} (+ "text_embeds": [E] for SDXL).
+  uncond: dict[str, Any] | None = None
 
 
 def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
@@ -110,10 +115,35 @@ def pair_mses(
   return mse[:, 0], mse[:, 1]
 
 
+def drop_captions(batch: Batch, uncond: dict[str, Any], prob: float, rng: chex.PRNGKey) -> Batch:
+  """Replaces each pair's conditioning by the empty prompt's with probability `prob`.
+
+  Winner and loser of a pair share the prompt, so they are dropped together.
+  SDXL's pooled `text_embeds` are replaced along with the context; `time_ids`
+  (sizes and crops) describe the image, not the prompt, and are kept.
+  """
+  b = batch["context"].shape[0]
+  drop = jax.random.bernoulli(rng, prob, (b,))
+  out = dict(batch)
+  ctx = batch["context"]
+  out["context"] = jnp.where(drop[:, None, None], uncond["context"][None].astype(ctx.dtype), ctx)
+  if "added_cond" in batch and "text_embeds" in uncond:
+    te = batch["added_cond"]["text_embeds"]
+    new_te = jnp.where(drop[:, None], uncond["text_embeds"][None].astype(te.dtype), te)
+    out["added_cond"] = dict(batch["added_cond"], text_embeds=new_te)
+  return out
+
+
 def objective_loss(
   spec: StepSpec, params: Any, ref_params: Any, batch: Batch, rng: chex.PRNGKey
 ) -> tuple[jax.Array, Metrics]:
   """The configured objective on one (micro-)batch.  -> (scalar loss, metrics)."""
+  if spec.caption_dropout > 0:
+    if spec.uncond is None:
+      raise ValueError("caption_dropout > 0 needs the empty-prompt conditioning (spec.uncond).")
+    # A key derived from, not split off, `rng`: the noise stream stays the same
+    # whether or not dropout is enabled.
+    batch = drop_captions(batch, spec.uncond, spec.caption_dropout, jax.random.fold_in(rng, 1))
   b = batch["latents_w"].shape[0]
   noise, t = diffusion.sample_noise_and_timesteps(
     rng, (b,) + batch["latents_w"].shape[1:], spec.num_train_timesteps

@@ -38,7 +38,9 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
   )
 
 
-def build_step_spec(config: ml_collections.ConfigDict, apply_fn, tx, lr_fn) -> step_lib.StepSpec:
+def build_step_spec(
+  config: ml_collections.ConfigDict, apply_fn, tx, lr_fn, uncond: dict[str, Any] | None = None
+) -> step_lib.StepSpec:
   if config.objective not in step_lib.OBJECTIVES:
     raise ValueError(
       f"config.objective={config.objective!r}; expected one of {step_lib.OBJECTIVES}."
@@ -58,6 +60,8 @@ def build_step_spec(config: ml_collections.ConfigDict, apply_fn, tx, lr_fn) -> s
     prediction_type=config.scheduler.prediction_type,
     num_train_timesteps=config.scheduler.num_train_timesteps,
     grad_accum=config.optim.grad_accum,
+    caption_dropout=float(config.data.caption_dropout),
+    uncond=uncond,
   )
 
 
@@ -101,9 +105,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   unet = unet_lib.unet_from_config(config.model, config.precision.compute_dtype)
   apply_fn = unet_lib.make_unet_apply(unet)
   tx, lr_fn = optim.make_optimizer(config.optim, config.max_steps)
-  spec = build_step_spec(config, apply_fn, tx, lr_fn)
+  spec = build_step_spec(config, apply_fn, tx, lr_fn, sources.uncond_conditioning(config))
 
-  init_rng, train_rng, eval_rng = split_rngs(config.seed)
+  init_rng, _, _ = split_rngs(config.seed)
 
   abstract_params = jax.eval_shape(lambda r: unet_lib.init_unet_params(unet, r), init_rng)
   abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), abstract_params)
@@ -111,6 +115,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   param_sh = state_sh.params
   repl = sharding.replicated(mesh)
   batch_sh = sharding.batch_sharding(mesh)
+  # Keys as global, replicated arrays: orbax (and multi-host jit) reject
+  # host-local arrays when there is more than one process.
+  _, train_rng, eval_rng = jax.jit(lambda: split_rngs(config.seed), out_shardings=repl)()
 
   ref_dtype = unet_lib.parse_dtype(config.precision.ref_dtype)
   init_params = jax.jit(lambda r: unet_lib.init_unet_params(unet, r), out_shardings=param_sh)(

@@ -166,3 +166,30 @@ def test_v_prediction_target(tiny_config):
   np.testing.assert_allclose(v, np.broadcast_to(expected, v.shape), rtol=1e-5)
   with pytest.raises(ValueError, match="prediction_type"):
     diffusion.make_noise_schedule({"prediction_type": "sample"})
+
+
+def test_caption_dropout_replaces_whole_pairs_with_the_empty_prompt():
+  _, _, batch = _setup_cached()
+  uncond = {"context": jnp.full(batch["context"].shape[1:], 7.0)}
+  rng = jax.random.PRNGKey(0)
+  none = step_lib.drop_captions(batch, uncond, 0.0, rng)
+  np.testing.assert_array_equal(none["context"], batch["context"])
+  every = step_lib.drop_captions(batch, uncond, 1.0, rng)
+  np.testing.assert_array_equal(every["context"], np.full(batch["context"].shape, 7.0))
+  big = {"context": jnp.zeros((4000, 2, 3))}
+  dropped = step_lib.drop_captions(big, {"context": jnp.ones((2, 3))}, 0.2, rng)["context"]
+  per_pair = np.asarray(dropped).reshape(4000, -1)
+  # Whole rows are replaced (never a partial prompt), at the requested rate.
+  assert set(np.unique(per_pair.mean(axis=1))) <= {0.0, 1.0}
+  assert abs(per_pair[:, 0].mean() - 0.2) < 0.03
+  # SDXL pooled embeddings follow the same per-pair decision; time_ids stay.
+  sdxl = {
+    "context": jnp.zeros((64, 2, 3)),
+    "added_cond": {"text_embeds": jnp.zeros((64, 5)), "time_ids": jnp.ones((64, 6))},
+  }
+  un = {"context": jnp.ones((2, 3)), "text_embeds": jnp.ones((5,))}
+  out = step_lib.drop_captions(sdxl, un, 0.5, rng)
+  np.testing.assert_array_equal(
+    np.asarray(out["context"])[:, 0, 0], np.asarray(out["added_cond"]["text_embeds"])[:, 0]
+  )
+  np.testing.assert_array_equal(out["added_cond"]["time_ids"], sdxl["added_cond"]["time_ids"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import ml_collections
+import numpy as np
 
 from dpo_jax.data import synthetic
 
@@ -38,3 +39,15 @@ def make_train_and_eval(
   pi, pc = jax.process_index(), jax.process_count()
   eval_batch = {k: v[pi::pc] for k, v in held.items()}
   return it, eval_batch
+
+
+def uncond_conditioning(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """The empty prompt's conditioning, used by caption dropout.
+
+  For the synthetic source the "text encoder" is a random table, so the empty
+  prompt is represented by an all-zero context.
+  """
+  if config.data.source == "synthetic":
+    shape = (config.data.seq_len, config.model.cross_attention_dim)
+    return {"context": np.zeros(shape, np.float32)}
+  raise ValueError(f"Unknown data source {config.data.source!r}.")

@@ -53,11 +53,14 @@ def make_synthetic_pairs(
 class ArrayPairIterator:
   """Shuffled, per-process-sharded, checkpointable iterator over in-memory arrays.
 
-  Each epoch is a fresh permutation (seeded by `seed` and the epoch number).
-  Process p takes every process_count-th example of the permutation, so
-  processes see disjoint examples and together cover every example once per
-  epoch. A partial final batch is dropped so every process yields the same
-  number of batches (the remainder is reported in `epoch_remainder`).
+  Each epoch is a fresh permutation (seeded by `seed` and the epoch number),
+  cut into global batches. Process p takes the p-th contiguous block of every
+  global batch, which is exactly the rows `make_array_from_process_local_data`
+  places on its devices: the assembled global batch, and so the whole run, is
+  the same for any process count. Processes see disjoint examples and together
+  cover every example once per epoch. A partial final batch is dropped so
+  every process yields the same number of batches (the remainder is reported
+  in `epoch_remainder`).
   """
 
   def __init__(
@@ -92,9 +95,8 @@ class ArrayPairIterator:
       for k, v in self._arrays.items()
     }
 
-  def _local_order(self, epoch: int) -> np.ndarray:
-    perm = np.random.default_rng([self._seed, epoch]).permutation(self._n)
-    return perm[self._pi :: self._pc]
+  def _global_order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self._seed, epoch]).permutation(self._n)
 
   def __iter__(self):
     return self
@@ -102,8 +104,9 @@ class ArrayPairIterator:
   def __next__(self) -> Batch:
     if self._index >= self.batches_per_epoch:
       self._epoch, self._index = self._epoch + 1, 0
-    order = self._local_order(self._epoch)
-    idx = order[self._index * self.local_batch : (self._index + 1) * self.local_batch]
+    order = self._global_order(self._epoch)
+    start = (self._index * self._pc + self._pi) * self.local_batch
+    idx = order[start : start + self.local_batch]
     self._index += 1
     return {k: v[idx] for k, v in self._arrays.items()}
 

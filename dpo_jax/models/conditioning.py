@@ -1,0 +1,202 @@
+"""Prompt and image conditioning for SD1.5 / SDXL, as diffusers' pipelines compute it.
+
+Everything here is a pure function of (module, params, arrays) and can be
+jitted, except `tokenize` (host-side strings -> ids). Outputs follow the batch
+format of `dpo_jax.step`:
+
+  SD1.5: context = last hidden state of CLIP ViT-L            [B, 77, 768]
+  SDXL:  context = concat(penultimate hidden state of CLIP ViT-L,
+                          penultimate hidden state of OpenCLIP bigG)  [B, 77, 2048]
+         added_cond = {"text_embeds": bigG pooled + projection [B, 1280],
+                       "time_ids": (orig_h, orig_w, crop_top, crop_left,
+                                    target_h, target_w)         [B, 6]}
+  latents = VAE posterior (mean or sample) * scaling factor     [B, 4, H/8, W/8]
+
+which is what `StableDiffusion(XL)Pipeline.encode_prompt` / `_get_add_time_ids`
+and the diffusers SDXL (DPO) training scripts compute (clip_skip unset).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = dict[str, Any]
+
+
+def tokenize(tokenizer: Any, prompts: Sequence[str]) -> np.ndarray:
+  """Prompts -> int32 ids [B, L], L = tokenizer.model_max_length (77).
+
+  Padded to exactly L and truncated at L (long Pick-a-Pic captions lose their
+  tail; the end-of-text token stays last), as in diffusers' pipelines.
+  """
+  ids = tokenizer(
+    list(prompts),
+    padding="max_length",
+    max_length=tokenizer.model_max_length,
+    truncation=True,
+    return_tensors="np",
+  ).input_ids
+  return ids.astype(np.int32)
+
+
+def _run_text_encoder(text_encoder: Any, params: Params, input_ids: jax.Array) -> Any:
+  """CLIP forward with all hidden states; input_ids [B, L] -> model output."""
+  # No padding mask: SD's text encoders were trained (and are used by the
+  # pipelines) attending to the padding tokens; only CLIP's causal mask applies.
+  attention_mask = jnp.ones_like(input_ids)
+  position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+  return text_encoder.apply(
+    {"params": params},
+    input_ids,
+    attention_mask,
+    position_ids,
+    deterministic=True,
+    output_hidden_states=True,
+  )
+
+
+def encode_prompt_sd15(text_encoder: Any, params: Params, input_ids: jax.Array) -> jax.Array:
+  """SD1.5 context: the final (layer-normed) hidden state.
+
+  Args:
+    text_encoder: Flax CLIP text module (`Pipeline.text_encoder`).
+    params: its params.
+    input_ids: [B, L] int token ids from `tokenize`.
+
+  Returns:
+    context [B, L, D] (D = 768 for CLIP ViT-L).
+  """
+  return _run_text_encoder(text_encoder, params, input_ids).last_hidden_state
+
+
+def encode_prompt_sdxl(
+  text_encoder: Any,
+  params: Params,
+  text_encoder_2: Any,
+  params_2: Params,
+  input_ids: jax.Array,
+  input_ids_2: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """SDXL context and pooled text embeds.
+
+  Args:
+    text_encoder, params: CLIP ViT-L (`Pipeline.text_encoder`).
+    text_encoder_2, params_2: OpenCLIP bigG with projection (`Pipeline.text_encoder_2`).
+    input_ids: [B, L] ids from `Pipeline.tokenizer`.
+    input_ids_2: [B, L] ids from `Pipeline.tokenizer_2` (it pads with "!", not
+      end-of-text, so the two id arrays differ).
+
+  Returns:
+    context [B, L, D1 + D2] (2048): both encoders' *penultimate* hidden states
+      (before the last layer and the final layer norm), encoder 1 first;
+    pooled [B, P] (1280): encoder 2's projected end-of-text embedding.
+  """
+  out_1 = _run_text_encoder(text_encoder, params, input_ids)
+  out_2 = _run_text_encoder(text_encoder_2, params_2, input_ids_2)
+  # hidden_states = (embeddings, layer 1, ..., layer N): [-2] is layer N-1's output.
+  context = jnp.concatenate([out_1.hidden_states[-2], out_2.hidden_states[-2]], axis=-1)
+  return context, out_2.text_embeds
+
+
+def add_time_ids(
+  original_size: jax.Array | Sequence[int],
+  crop_top_left: jax.Array | Sequence[int],
+  target_size: jax.Array | Sequence[int],
+) -> jax.Array:
+  """SDXL micro-conditioning ids, (orig_h, orig_w, crop_top, crop_left, target_h, target_w).
+
+  Args:
+    original_size: [..., 2] (height, width) of the image before resizing/cropping.
+    crop_top_left: [..., 2] (top, left) of the crop in the resized image.
+    target_size: [..., 2] (height, width) of the training/generation resolution.
+      Leading axes broadcast (one size for the whole batch, or one per sample).
+
+  Returns:
+    float32 [..., 6].
+  """
+  parts = [jnp.asarray(x, jnp.float32) for x in (original_size, crop_top_left, target_size)]
+  shape = jnp.broadcast_shapes(*(p.shape for p in parts))
+  return jnp.concatenate([jnp.broadcast_to(p, shape) for p in parts], axis=-1)
+
+
+def sdxl_added_cond(text_embeds: jax.Array, time_ids: jax.Array) -> dict[str, jax.Array]:
+  """The UNet's `added_cond_kwargs`: text_embeds [B, P], time_ids [B, 6] (broadcast to B)."""
+  time_ids = jnp.broadcast_to(time_ids, (text_embeds.shape[0], time_ids.shape[-1]))
+  return {"text_embeds": text_embeds, "time_ids": time_ids}
+
+
+def make_prompt_encoder(
+  pipeline: Any,
+) -> Callable[[Sequence[str]], tuple[jax.Array, jax.Array | None]]:
+  """`encode(prompts) -> (context, pooled or None for SD1.5)` for a loaded `Pipeline`.
+
+  Build it once and reuse it: the encoder(s) are jitted here, closing over the
+  modules (transformers' Flax CLIP modules hold an unhashable config, so they
+  cannot be static jit arguments) with the params passed as arguments (not
+  baked into the executable as constants).
+  """
+  if pipeline.kind == "sd15":
+    encode_ids = jax.jit(functools.partial(encode_prompt_sd15, pipeline.text_encoder))
+
+    def encode(prompts):
+      ids = tokenize(pipeline.tokenizer, prompts)
+      return encode_ids(pipeline.text_encoder_params, ids), None
+
+    return encode
+
+  encode_ids_xl = jax.jit(
+    lambda p1, p2, ids, ids_2: encode_prompt_sdxl(
+      pipeline.text_encoder, p1, pipeline.text_encoder_2, p2, ids, ids_2
+    )
+  )
+
+  def encode_xl(prompts):
+    ids = tokenize(pipeline.tokenizer, prompts)
+    ids_2 = tokenize(pipeline.tokenizer_2, prompts)
+    return encode_ids_xl(pipeline.text_encoder_params, pipeline.text_encoder_2_params, ids, ids_2)
+
+  return encode_xl
+
+
+def vae_encode(
+  vae: Any,
+  params: Params,
+  images: jax.Array,
+  scaling_factor: float,
+  rng: jax.Array | None = None,
+) -> jax.Array:
+  """Images -> scaled latents, the UNet's x0.
+
+  Args:
+    vae: FlaxAutoencoderKL (`Pipeline.vae`).
+    params: its params.
+    images: [B, 3, H, W] in [-1, 1].
+    scaling_factor: `Pipeline.vae_scaling_factor` (0.18215 SD1.5, 0.13025 SDXL).
+    rng: None -> the posterior mean (deterministic; what a latent cache should
+      store); a key -> a posterior sample mean + std * N(0, 1), which is what
+      the official DPO / diffusers training scripts use. The posterior std of
+      the SD VAEs is tiny, so the two differ little.
+
+  Returns:
+    latents [B, C, H/f, W/f] (channels first, the batch format), f = 2^(levels-1).
+  """
+  posterior = vae.apply({"params": params}, images, deterministic=True, method=vae.encode)
+  dist = posterior.latent_dist
+  latents = dist.mean if rng is None else dist.sample(rng)
+  # The Flax VAE is channels-last inside; the batch format is channels-first.
+  return jnp.transpose(latents, (0, 3, 1, 2)) * scaling_factor
+
+
+def vae_decode(vae: Any, params: Params, latents: jax.Array, scaling_factor: float) -> jax.Array:
+  """Scaled latents [B, C, h, w] -> images [B, 3, H, W] (roughly [-1, 1], unclipped)."""
+  # Hand the Flax VAE channels-last latents: it guesses the layout from the
+  # last axis, which is ambiguous for channels-first latents of width C.
+  latents = jnp.transpose(latents / scaling_factor, (0, 2, 3, 1))
+  out = vae.apply({"params": params}, latents, deterministic=True, method=vae.decode)
+  return out.sample

@@ -1,0 +1,531 @@
+"""Loads a diffusers-format Stable Diffusion 1.5 / XL folder into Flax modules and params.
+
+Folder layout (the hub layout; `[.V]` is the optional variant, e.g. `.fp16`):
+  model_index.json
+  unet/, vae/       config.json + diffusion_pytorch_model[.V].safetensors
+                    (or diffusion_pytorch_model[.V].bin, or diffusion_flax_model[.V].msgpack)
+  text_encoder/     config.json + model[.V].safetensors
+                    (or pytorch_model[.V].bin, or flax_model[.V].msgpack)
+  text_encoder_2/   SDXL only: CLIPTextModelWithProjection (OpenCLIP bigG)
+  tokenizer/, tokenizer_2/ (SDXL): CLIP BPE files
+  scheduler/scheduler_config.json
+
+Why not the libraries' own `from_pretrained(from_pt=True)`: diffusers 0.39's
+Flax models read only `.bin` (a torch pickle), and both libraries random-
+initialise the whole model first (minutes and gigabytes for the SDXL UNet),
+with transformers silently keeping random values for missing weights. Here
+tensors are read as numpy (`safetensors.numpy`; torch only for `.bin`) and fed,
+one by one, to each library's own PyTorch -> Flax rule
+(`rename_key_and_reshape_tensor`: names, conv/linear transposes) against the
+model's *abstract* parameter tree from `jax.eval_shape`. Every parameter must
+then be present with its exact shape, so a config/weights mismatch fails loudly
+with the file, key and shapes in the message.
+
+Parameters come back as plain nested dicts of jnp arrays in `param_dtype`
+(float32 by default, whatever the file stores); `dtype` is the modules'
+compute dtype, as in `dpo_jax.models.unet`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+import transformers
+from diffusers.models import modeling_flax_pytorch_utils as diffusers_pt_utils
+from diffusers.utils import constants as diffusers_constants
+from flax.traverse_util import flatten_dict, unflatten_dict
+from transformers import modeling_flax_pytorch_utils as transformers_pt_utils
+
+from dpo_jax import diffusion
+from dpo_jax.models.unet import parse_dtype
+
+with warnings.catch_warnings():
+  warnings.simplefilter("ignore", FutureWarning)
+  from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+
+Params = dict[str, Any]
+DTypeLike = str | jnp.dtype | type
+
+KINDS = ("sd15", "sdxl")
+
+# (safetensors, torch pickle, Flax msgpack) file names of each library.
+DIFFUSERS_WEIGHTS = (
+  diffusers_constants.SAFETENSORS_WEIGHTS_NAME,
+  diffusers_constants.WEIGHTS_NAME,
+  diffusers_constants.FLAX_WEIGHTS_NAME,
+)
+TRANSFORMERS_WEIGHTS = (
+  transformers.utils.SAFE_WEIGHTS_NAME,
+  transformers.utils.WEIGHTS_NAME,
+  transformers.utils.FLAX_WEIGHTS_NAME,
+)
+
+# PyTorch config fields the Flax modules do not read, with the only value they
+# implement (hard-coded inside them). Any other value would load without error
+# and compute something else, so it is rejected instead.
+_UNET_FIXED = {
+  "act_fn": "silu",
+  "norm_num_groups": 32,
+  "norm_eps": 1e-5,
+  "resnet_time_scale_shift": "default",
+  "time_embedding_type": "positional",
+  "time_embedding_dim": None,
+  "time_embedding_act_fn": None,
+  "timestep_post_act": None,
+  "time_cond_proj_dim": None,
+  "class_embed_type": None,
+  "num_class_embeds": None,
+  "encoder_hid_dim": None,
+  "encoder_hid_dim_type": None,
+  "conv_in_kernel": 3,
+  "conv_out_kernel": 3,
+  "center_input_sample": False,
+  "class_embeddings_concat": False,
+  "mid_block_only_cross_attention": None,
+  "dual_cross_attention": False,
+  "resnet_skip_time_act": False,
+  "resnet_out_scale_factor": 1.0,
+  "mid_block_scale_factor": 1,
+  "cross_attention_norm": None,
+  "attention_type": "default",
+  "reverse_transformer_layers_per_block": None,
+}
+_VAE_FIXED = {
+  "act_fn": "silu",
+  "use_quant_conv": True,
+  "use_post_quant_conv": True,
+  "mid_block_add_attention": True,
+  "shift_factor": None,
+  "latents_mean": None,
+  "latents_std": None,
+}
+# Non-parameter buffers that PyTorch checkpoints may carry.
+_IGNORED_BUFFERS = ("position_ids", "num_batches_tracked")
+# diffusers' rule asserts (without a message) on these attention projections.
+_DIFFUSERS_ATTENTION_NAMES = {
+  "to_q": "query",
+  "to_k": "key",
+  "to_v": "value",
+  "to_out_0": "proj_attn",
+}
+
+
+# eq=False: identity hashing/equality (comparing parameter trees by value is meaningless).
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pipeline:
+  """A loaded SD1.5 / SDXL pipeline: Flax modules, their params and the rest.
+
+  Attributes:
+    kind: "sd15" (one text encoder; SD 1.x / 2.x structure) or "sdxl".
+    unet: FlaxUNet2DConditionModel; apply with `{"params": unet_params}`.
+    vae: FlaxAutoencoderKL.
+    text_encoder: Flax CLIP text module (linen), CLIP ViT-L for SD1.5 / SDXL.
+    tokenizer: transformers CLIPTokenizer of `text_encoder`.
+    scheduler_config: `scheduler/scheduler_config.json` without "_" keys,
+      always with "prediction_type"; feeds `diffusion.make_noise_schedule`.
+    vae_scaling_factor: latents = VAE mean/sample * this (0.18215 / 0.13025).
+    text_encoder_2, tokenizer_2: SDXL's OpenCLIP bigG with projection, else None.
+    path: the folder it came from.
+  """
+
+  kind: str
+  unet: FlaxUNet2DConditionModel
+  unet_params: Params
+  vae: FlaxAutoencoderKL
+  vae_params: Params
+  text_encoder: Any
+  text_encoder_params: Params
+  tokenizer: Any
+  scheduler_config: dict[str, Any]
+  vae_scaling_factor: float
+  text_encoder_2: Any = None
+  text_encoder_2_params: Params | None = None
+  tokenizer_2: Any = None
+  path: str = ""
+
+
+def _as_dtype(dtype: DTypeLike) -> jnp.dtype:
+  return parse_dtype(dtype) if isinstance(dtype, str) else jnp.dtype(dtype)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"Missing file {path}.")
+  with open(path) as f:
+    return json.load(f)
+
+
+def add_variant(filename: str, variant: str | None) -> str:
+  """`model.safetensors` -> `model.fp16.safetensors` (diffusers/transformers naming)."""
+  if not variant:
+    return filename
+  stem, ext = filename.rsplit(".", 1)
+  return f"{stem}.{variant}.{ext}"
+
+
+def find_weights(directory: str, names: tuple[str, str, str], variant: str | None = None) -> str:
+  """Path of the weights file in `directory`, preferring safetensors, then .bin, then msgpack.
+
+  Sharded checkpoints (`<name>.index.json`) are found too. Raises
+  FileNotFoundError naming the folder and every file name that was accepted.
+  """
+  candidates = []
+  for name in names:
+    candidates.append(add_variant(name, variant))
+    if not name.endswith(".msgpack"):
+      candidates.append(add_variant(name + ".index.json", variant))
+  for candidate in candidates:
+    path = os.path.join(directory, candidate)
+    if os.path.isfile(path):
+      return path
+  present = sorted(os.listdir(directory)) if os.path.isdir(directory) else "folder missing"
+  raise FileNotFoundError(
+    f"No weights in {directory}: expected one of {candidates} (found: {present})."
+  )
+
+
+def _torch_load(path: str) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(
+      f"{path} is a PyTorch pickle and reading it needs torch (`pip install torch`); "
+      "or convert the folder to safetensors."
+    ) from e
+  state = torch.load(path, map_location="cpu", weights_only=True)
+  # numpy has no bfloat16: widen, the cast to param_dtype happens later anyway.
+  return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """PyTorch-named tensors of a `.safetensors`, `.bin` or sharded `*.index.json` file."""
+  if path.endswith(".index.json"):
+    weight_map = _read_json(path)["weight_map"]
+    directory = os.path.dirname(path)
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+      state.update(read_state_dict(os.path.join(directory, shard)))
+    return state
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"Missing file {path}.")
+  if path.endswith(".safetensors"):
+    return safetensors.numpy.load_file(path)
+  if path.endswith(".bin"):
+    return _torch_load(path)
+  raise ValueError(f"Unknown weights format: {path}.")
+
+
+RenameFn = Callable[[str, np.ndarray, dict], tuple[tuple[str, ...], np.ndarray]]
+
+
+def _diffusers_rename(pt_key: str, tensor: np.ndarray, expected: dict) -> tuple:
+  """diffusers' PyTorch -> Flax rule for one tensor (UNet, VAE)."""
+  pt_tuple = tuple(diffusers_pt_utils.rename_key(pt_key).split("."))
+  try:
+    return diffusers_pt_utils.rename_key_and_reshape_tensor(pt_tuple, tensor, expected)
+  except AssertionError:
+    # Raised for an attention projection whose transpose has the wrong shape;
+    # rebuild the Flax key it was mapped to so that the error can name it.
+    leaf = "kernel" if pt_tuple[-1] == "weight" else pt_tuple[-1]
+    flax_key = pt_tuple[:-2] + (_DIFFUSERS_ATTENTION_NAMES[pt_tuple[-2]], leaf)
+    return flax_key, tensor.T
+
+
+def _transformers_rename(prefix: str) -> RenameFn:
+  """transformers' PyTorch -> Flax rule for one tensor (CLIP text encoders)."""
+
+  def rename(pt_key, tensor, expected):
+    return transformers_pt_utils.rename_key_and_reshape_tensor(
+      tuple(pt_key.split(".")), tensor, expected, prefix
+    )
+
+  return rename
+
+
+def _shape_error(source: str, key: str, got: tuple, flax_key: tuple, want: tuple, config: str):
+  return ValueError(
+    f"{source}: tensor {key!r} has shape {got} (Flax {'/'.join(flax_key)}) but the model "
+    f"built from {config} expects {want}."
+  )
+
+
+def _check_complete(flat: dict, expected: dict, unexpected: list[str], source: str, config: str):
+  missing = sorted("/".join(k) for k in expected.keys() - flat.keys())
+  if missing:
+    raise ValueError(
+      f"{source} lacks {len(missing)} parameter(s) that the model built from {config} needs, "
+      f"e.g. {missing[:5]}. Are the weights and config.json from the same checkpoint?"
+    )
+  if unexpected:
+    raise ValueError(
+      f"{source} has {len(unexpected)} tensor(s) that the model built from {config} does not "
+      f"use, e.g. {sorted(unexpected)[:5]}. Are the weights and config.json from the same "
+      "checkpoint, and does the Flax class support this architecture?"
+    )
+
+
+def convert_pt_state_dict(
+  state: dict[str, np.ndarray],
+  abstract_params: Params,
+  rename: RenameFn,
+  source: str,
+  config: str,
+) -> dict[tuple[str, ...], np.ndarray]:
+  """PyTorch-named numpy tensors -> flat {Flax path: array}, fully checked.
+
+  Args:
+    state: {"down_blocks.0.resnets.0.conv1.weight": array, ...}.
+    abstract_params: the module's parameter tree of ShapeDtypeStructs.
+    rename: the library's per-tensor rule, `(pt_key, tensor, expected) ->
+      (flax_key, tensor)` (transposes conv [O,I,H,W] -> [H,W,I,O], linear -> .T).
+    source, config: file names for error messages.
+  """
+  expected = flatten_dict(abstract_params)
+  flat, unexpected = {}, []
+  for pt_key, tensor in state.items():
+    flax_key, value = rename(pt_key, tensor, expected)
+    if flax_key not in expected:
+      if pt_key.rsplit(".", 1)[-1] not in _IGNORED_BUFFERS:
+        unexpected.append(pt_key)
+      continue
+    if value.shape != expected[flax_key].shape:
+      raise _shape_error(source, pt_key, tensor.shape, flax_key, expected[flax_key].shape, config)
+    flat[flax_key] = value
+  _check_complete(flat, expected, unexpected, source, config)
+  return flat
+
+
+def _read_flax_msgpack(path: str, abstract_params: Params, config: str) -> dict:
+  """A Flax msgpack checkpoint -> flat {Flax path: array}, fully checked."""
+  with open(path, "rb") as f:
+    restored = flax.serialization.msgpack_restore(f.read())
+  expected = flatten_dict(abstract_params)
+  flat = flatten_dict(restored)
+  unexpected = []
+  for key, value in list(flat.items()):
+    if key not in expected:
+      unexpected.append("/".join(key))
+      del flat[key]
+    elif value.shape != expected[key].shape:
+      raise _shape_error(path, "/".join(key), value.shape, key, expected[key].shape, config)
+  _check_complete(flat, expected, unexpected, path, config)
+  return flat
+
+
+def load_params(
+  weights_path: str,
+  abstract_params: Params,
+  rename: RenameFn,
+  config_path: str,
+  param_dtype: DTypeLike = jnp.float32,
+) -> Params:
+  """Reads any supported weights file into a nested dict of `param_dtype` jnp arrays."""
+  if weights_path.endswith(".msgpack"):
+    flat = _read_flax_msgpack(weights_path, abstract_params, config_path)
+  else:
+    state = read_state_dict(weights_path)
+    flat = convert_pt_state_dict(state, abstract_params, rename, weights_path, config_path)
+  dtype = _as_dtype(param_dtype)
+  # Cast on the host (numpy) so that a float16 checkpoint never occupies the
+  # device twice; only floating arrays change dtype.
+  flat = {
+    k: jnp.asarray(np.asarray(v, dtype=dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v)
+    for k, v in flat.items()
+  }
+  return unflatten_dict(flat)
+
+
+def _check_fixed(config: dict[str, Any], fixed: dict[str, Any], config_path: str, cls_name: str):
+  for key, value in fixed.items():
+    if key in config and config[key] != value:
+      raise ValueError(
+        f"{config_path}: {key}={config[key]!r} is not supported by {cls_name}, which "
+        f"implements only {key}={value!r}."
+      )
+
+
+def _diffusers_module(cls, directory: str, fixed: dict, dtype: DTypeLike):
+  config_path = os.path.join(directory, "config.json")
+  config = _read_json(config_path)
+  _check_fixed(config, fixed, config_path, cls.__name__)
+  # JSON lists -> tuples: keeps the module hashable, so it can be a static jit argument.
+  config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    module = cls.from_config(config, dtype=_as_dtype(dtype))
+  # Shapes only: no random initialisation of a multi-GB model.
+  abstract = jax.eval_shape(module.init_weights, jax.random.PRNGKey(0))
+  return module, flax.core.unfreeze(abstract), config_path
+
+
+def load_unet(
+  directory: str,
+  *,
+  variant: str | None = None,
+  param_dtype: DTypeLike = jnp.float32,
+  dtype: DTypeLike = jnp.float32,
+) -> tuple[FlaxUNet2DConditionModel, Params]:
+  """Loads `directory` (a pipeline's `unet/`) -> (Flax UNet, params)."""
+  module, abstract, config_path = _diffusers_module(
+    FlaxUNet2DConditionModel, directory, _UNET_FIXED, dtype
+  )
+  path = find_weights(directory, DIFFUSERS_WEIGHTS, variant)
+  return module, load_params(path, abstract, _diffusers_rename, config_path, param_dtype)
+
+
+def load_vae(
+  directory: str,
+  *,
+  variant: str | None = None,
+  param_dtype: DTypeLike = jnp.float32,
+  dtype: DTypeLike = jnp.float32,
+) -> tuple[FlaxAutoencoderKL, Params]:
+  """Loads `directory` (a pipeline's `vae/`) -> (Flax AutoencoderKL, params).
+
+  The scaling factor is `vae.config.scaling_factor`. SDXL's VAE overflows in
+  float16 (its config says `force_upcast`); keep `dtype` float32 or bfloat16.
+  """
+  module, abstract, config_path = _diffusers_module(FlaxAutoencoderKL, directory, _VAE_FIXED, dtype)
+  path = find_weights(directory, DIFFUSERS_WEIGHTS, variant)
+  return module, load_params(path, abstract, _diffusers_rename, config_path, param_dtype)
+
+
+def load_text_encoder(
+  directory: str,
+  *,
+  with_projection: bool = False,
+  variant: str | None = None,
+  param_dtype: DTypeLike = jnp.float32,
+  dtype: DTypeLike = jnp.float32,
+) -> tuple[Any, Params]:
+  """Loads a CLIP text encoder folder -> (Flax linen module, params).
+
+  Args:
+    directory: `text_encoder/` or `text_encoder_2/`.
+    with_projection: True for SDXL's `text_encoder_2`
+      (CLIPTextModelWithProjection: its `text_embeds` are SDXL's pooled embeds).
+
+  Returns:
+    The module (`FlaxCLIPTextModule` or `FlaxCLIPTextModelWithProjectionModule`,
+    called as `module.apply({"params": p}, ids, mask, positions, ...)`) and params.
+  """
+  config_path = os.path.join(directory, "config.json")
+  _read_json(config_path)  # A clear error for a missing file.
+  config = transformers.CLIPTextConfig.from_pretrained(directory)
+  cls = (
+    transformers.FlaxCLIPTextModelWithProjection
+    if with_projection
+    else transformers.FlaxCLIPTextModel
+  )
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    # _do_init=False: the wrapper only traces shapes (eval_shape), no random init.
+    wrapper = cls(config, dtype=_as_dtype(dtype), _do_init=False)
+  abstract = flax.core.unfreeze(wrapper.params_shape_tree)
+  path = find_weights(directory, TRANSFORMERS_WEIGHTS, variant)
+  rename = _transformers_rename(wrapper.base_model_prefix)
+  return wrapper.module, load_params(path, abstract, rename, config_path, param_dtype)
+
+
+def load_tokenizer(directory: str):
+  """A `transformers.CLIPTokenizer` from a local folder (vocab.json, merges.txt)."""
+  for name in ("vocab.json", "merges.txt"):
+    if not os.path.isfile(os.path.join(directory, name)):
+      raise FileNotFoundError(f"Missing file {os.path.join(directory, name)}.")
+  return transformers.CLIPTokenizer.from_pretrained(directory)
+
+
+def load_scheduler_config(directory: str) -> dict[str, Any]:
+  """`scheduler_config.json` as a dict, with the prediction type made explicit.
+
+  Only the training-relevant fields matter downstream (num_train_timesteps,
+  beta_*, prediction_type); inference-only fields of the checkpoint's PNDM /
+  Euler scheduler are kept but ignored by `FlaxDDPMScheduler.from_config`.
+  """
+  config = _read_json(os.path.join(directory, "scheduler_config.json"))
+  config = {k: v for k, v in config.items() if not k.startswith("_")}
+  # diffusers' default when the field is absent (old SD1.x configs).
+  config.setdefault("prediction_type", "epsilon")
+  if config["prediction_type"] not in diffusion.PREDICTION_TYPES:
+    raise ValueError(
+      f"{directory}/scheduler_config.json: prediction_type={config['prediction_type']!r} is "
+      f"not supported; expected one of {diffusion.PREDICTION_TYPES}."
+    )
+  return config
+
+
+def detect_kind(path: str) -> str:
+  """ "sd15" or "sdxl" from `model_index.json` (which components the pipeline has)."""
+  index = _read_json(os.path.join(path, "model_index.json"))
+  present = {
+    k
+    for k, v in index.items()
+    if not k.startswith("_") and isinstance(v, list) and v[0] is not None
+  }
+  missing = {"unet", "vae", "scheduler"} - present
+  if missing:
+    raise ValueError(f"{path}/model_index.json lacks components {sorted(missing)}.")
+  if "text_encoder" not in present:
+    # SDXL refiner: only the bigG encoder and 5 time ids.
+    raise ValueError(f"{path}: pipelines without `text_encoder` (e.g. SDXL refiner) unsupported.")
+  return "sdxl" if "text_encoder_2" in present else "sd15"
+
+
+def load_pipeline(
+  path: str,
+  *,
+  variant: str | None = None,
+  param_dtype: DTypeLike = jnp.float32,
+  dtype: DTypeLike = jnp.float32,
+) -> Pipeline:
+  """Loads every component of the diffusers folder `path`.
+
+  Args:
+    path: pipeline root (with model_index.json).
+    variant: weights variant, e.g. "fp16" -> `*.fp16.safetensors`, for all
+      components. Values are cast to `param_dtype` regardless.
+    param_dtype: dtype of the returned parameters (float32 master copy by default).
+    dtype: compute dtype of the modules.
+
+  Returns:
+    A `Pipeline`.
+  """
+  kind = detect_kind(path)
+  kw = {"variant": variant, "param_dtype": param_dtype, "dtype": dtype}
+  unet, unet_params = load_unet(os.path.join(path, "unet"), **kw)
+  vae, vae_params = load_vae(os.path.join(path, "vae"), **kw)
+  text_encoder, text_encoder_params = load_text_encoder(os.path.join(path, "text_encoder"), **kw)
+  extra = {}
+  if kind == "sdxl":
+    module, params = load_text_encoder(
+      os.path.join(path, "text_encoder_2"), with_projection=True, **kw
+    )
+    extra = {
+      "text_encoder_2": module,
+      "text_encoder_2_params": params,
+      "tokenizer_2": load_tokenizer(os.path.join(path, "tokenizer_2")),
+    }
+  return Pipeline(
+    kind=kind,
+    unet=unet,
+    unet_params=unet_params,
+    vae=vae,
+    vae_params=vae_params,
+    text_encoder=text_encoder,
+    text_encoder_params=text_encoder_params,
+    tokenizer=load_tokenizer(os.path.join(path, "tokenizer")),
+    scheduler_config=load_scheduler_config(os.path.join(path, "scheduler")),
+    vae_scaling_factor=float(vae.config.scaling_factor),
+    path=path,
+    **extra,
+  )
