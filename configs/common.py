@@ -24,6 +24,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval_every = 0  # 0 = only at the end.
   c.checkpoint_every = 10
   c.keep_checkpoints = 3
+  # A diffusers pipeline folder (UNet, VAE, text encoders, scheduler). Empty:
+  # a random UNet from `model` and the schedule in `scheduler`.
+  # Resume order: workdir/checkpoints (newest readable step) -> pretrained_path
+  # -> random init; the frozen reference is always the initial UNet.
+  c.pretrained_path = ""
   c.async_checkpointing = True
 
   # Device mesh: product must equal the device count; -1 = all remaining.
@@ -85,4 +90,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 16
   # Probability of training a pair on the empty prompt instead of its caption.
   c.data.caption_dropout = 0.0
+  # pickapic source: a folder of Pick-a-Pic-format parquet shards, checked and
+  # written once as array_record under tfds_dir (default: workdir/tfds).
+  c.data.path = ""
+  c.data.tfds_dir = ""
+  c.data.max_examples = 0  # 0 = all.
+  c.data.max_skip_rate = 0.1  # Defects (not ties) above this stop the run.
+  c.data.keep_empty_captions = False
+  c.data.resolution = 512
+  c.data.random_crop = True
+  c.data.flip = "independent"  # independent | shared | none
+  c.data.num_threads = 8
+  c.data.eval_split = "validation_unique"
   return c

@@ -28,7 +28,8 @@ from etils import epath
 
 from dpo_jax import checkpoint, diffusion, metrics, optim, sharding
 from dpo_jax import step as step_lib
-from dpo_jax.data import sources
+from dpo_jax.data import encode, sources
+from dpo_jax.models import build as build_lib
 from dpo_jax.models import unet as unet_lib
 
 
@@ -39,8 +40,15 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 def build_step_spec(
-  config: ml_collections.ConfigDict, apply_fn, tx, lr_fn, uncond: dict[str, Any] | None = None
+  config: ml_collections.ConfigDict,
+  apply_fn,
+  tx,
+  lr_fn,
+  uncond: dict[str, Any] | None = None,
+  scheduler_config: dict[str, Any] | None = None,
 ) -> step_lib.StepSpec:
+  """The step's static description; `scheduler_config` defaults to `config.scheduler`."""
+  sched = dict(scheduler_config or config.scheduler.to_dict())
   if config.objective not in step_lib.OBJECTIVES:
     raise ValueError(
       f"config.objective={config.objective!r}; expected one of {step_lib.OBJECTIVES}."
@@ -54,11 +62,11 @@ def build_step_spec(
     apply_fn=apply_fn,
     tx=tx,
     lr_fn=lr_fn,
-    schedule=diffusion.make_noise_schedule(config.scheduler.to_dict()),
+    schedule=diffusion.make_noise_schedule(sched),
     objective=config.objective,
     beta=float(config.beta),
-    prediction_type=config.scheduler.prediction_type,
-    num_train_timesteps=config.scheduler.num_train_timesteps,
+    prediction_type=sched.get("prediction_type", "epsilon"),
+    num_train_timesteps=int(sched.get("num_train_timesteps", 1000)),
     grad_accum=config.optim.grad_accum,
     caption_dropout=float(config.data.caption_dropout),
     uncond=uncond,
@@ -102,14 +110,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
   rules = [tuple(r) for r in config.sharding_rules]
 
-  unet = unet_lib.unet_from_config(config.model, config.precision.compute_dtype)
-  apply_fn = unet_lib.make_unet_apply(unet)
+  models = build_lib.build_models(config)
+  apply_fn = unet_lib.make_unet_apply(models.unet)
   tx, lr_fn = optim.make_optimizer(config.optim, config.max_steps)
-  spec = build_step_spec(config, apply_fn, tx, lr_fn, sources.uncond_conditioning(config))
+  data = sources.make_data(config, models, workdir)
+  spec = build_step_spec(config, apply_fn, tx, lr_fn, data.uncond, models.scheduler_config)
 
   init_rng, _, _ = split_rngs(config.seed)
 
-  abstract_params = jax.eval_shape(lambda r: unet_lib.init_unet_params(unet, r), init_rng)
+  abstract_params = jax.eval_shape(models.init_params, init_rng)
   abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), abstract_params)
   state_sh = sharding.tree_shardings(abstract_state, mesh, rules, config.fsdp_min_size)
   param_sh = state_sh.params
@@ -120,9 +129,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _, train_rng, eval_rng = jax.jit(lambda: split_rngs(config.seed), out_shardings=repl)()
 
   ref_dtype = unet_lib.parse_dtype(config.precision.ref_dtype)
-  init_params = jax.jit(lambda r: unet_lib.init_unet_params(unet, r), out_shardings=param_sh)(
-    init_rng
-  )
+  if models.pretrained_params is not None:
+    init_params = jax.device_put(models.pretrained_params, param_sh)
+  else:
+    init_params = jax.jit(models.init_params, out_shardings=param_sh)(init_rng)
   # The reference is the initial policy, optionally stored in bf16 (it only
   # runs forward passes). A separate buffer, so donating the state never
   # touches it.
@@ -130,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p), out_shardings=param_sh
   )(init_params)
 
-  train_iter, eval_batch = sources.make_train_and_eval(config)
+  train_iter = data.train
   manager = checkpoint.make_manager(
     os.path.join(workdir, "checkpoints"), config.keep_checkpoints, config.async_checkpointing
   )
@@ -150,11 +160,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Resumed from step %d in %s (data position %s).", start_step, workdir, data_state)
   del init_params
 
-  batch_abstract = jax.tree.map(
+  frozen = None if data.frozen is None else jax.device_put(data.frozen, repl)
+  if data.encoder is None:
+    to_step_batch = lambda raw: raw
+  else:
+    # Frozen encoders run in their own jit: their params are replicated
+    # inputs, never optimizer state, never donated.
+    encoder = jax.jit(data.encoder)
+    to_step_batch = lambda raw: encoder(frozen, raw)
+  raw_abstract = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(
       (x.shape[0] * jax.process_count(),) + x.shape[1:], x.dtype, sharding=batch_sh
     ),
-    train_iter.element_spec,
+    encode.device_keys(train_iter.element_spec),
+  )
+  batch_abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sh),
+    jax.eval_shape(to_step_batch, raw_abstract),
   )
   # Ahead-of-time compile: shape/sharding errors surface before any data is
   # read, and the cost analysis gives the step's FLOPs for MFU.
@@ -163,7 +185,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   flops = _flops(compiled)
   logging.info("Compiled train step: %.3g FLOPs/step.", flops)
   eval_fn = step_lib.jit_eval_step(spec, param_sh, param_sh, batch_sh, repl)
-  eval_global = sharding.global_batch_from_local(eval_batch, mesh)
+  eval_global = to_step_batch(
+    sharding.global_batch_from_local(encode.device_keys(data.eval_batch), mesh)
+  )
 
   if lead and start_step == 0:
     writer.write_hparams(_flat_hparams(config))
@@ -175,7 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_metrics: dict[str, float] = {}
 
   for step in range(start_step + 1, config.max_steps + 1):
-    batch = sharding.global_batch_from_local(next(train_iter), mesh)
+    raw = sharding.global_batch_from_local(encode.device_keys(next(train_iter)), mesh)
+    batch = to_step_batch(raw)
     state, m = compiled(state, ref_params, batch, train_rng)
     pending.append((step, m))
     if step == start_step + 1:

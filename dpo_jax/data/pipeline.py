@@ -217,9 +217,10 @@ class PairBatchIterator:
       jpeg_draft=jpeg_draft,
       max_image_pixels=max_image_pixels,
     )
-    self._seq_len = None
+    # Per-example token shape: [L], or [2, L] for SDXL's two tokenizers.
+    self._token_shape = None
     if tokenize_fn is not None:
-      self._seq_len = np.asarray(tokenize_fn([""])).shape[-1]
+      self._token_shape = tuple(np.asarray(tokenize_fn([""])).shape[1:])
     order = _LocalOrder(
       n, seed, self.batches_per_epoch, self.local_batch, pi, pc, num_epochs or _ENDLESS_EPOCHS
     )
@@ -270,9 +271,10 @@ class PairBatchIterator:
       batch["caption"] = np.array(captions, dtype=object)
     else:
       ids = np.asarray(self._tokenize(captions), dtype=np.int32)
-      if ids.shape != (len(captions), self._seq_len):
+      if ids.shape != (len(captions), *self._token_shape):
         raise ValueError(
-          f"tokenize_fn returned shape {ids.shape}; expected {(len(captions), self._seq_len)} "
+          f"tokenize_fn returned shape {ids.shape}; expected "
+          f"{(len(captions), *self._token_shape)} "
           "(pad and truncate to a fixed length)."
         )
       batch["input_ids"] = ids
@@ -292,7 +294,7 @@ class PairBatchIterator:
     if self._tokenize is None:
       spec["caption"] = jax.ShapeDtypeStruct((b,), np.object_)
     else:
-      spec["input_ids"] = jax.ShapeDtypeStruct((b, self._seq_len), np.int32)
+      spec["input_ids"] = jax.ShapeDtypeStruct((b, *self._token_shape), np.int32)
     return spec
 
   def __iter__(self):

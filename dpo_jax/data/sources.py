@@ -1,26 +1,68 @@
-"""Builds the train iterator and the fixed eval batch named by `config.data.source`."""
+"""Builds the training data named by `config.data.source`.
+
+Sources:
+  synthetic: in-memory pairs already in the cached-latent format (tiny configs).
+  pickapic:  Pick-a-Pic-format parquet shards (`config.data.path`), checked and
+             written once as array_record (TFDS), decoded by grain threads, and
+             encoded on device by the frozen VAE / text encoder(s).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 
-from dpo_jax.data import synthetic
+from dpo_jax.data import encode, synthetic
+from dpo_jax.models.build import Models
+
+Batch = dict[str, Any]
 
 
-def make_train_and_eval(
-  config: ml_collections.ConfigDict,
-) -> tuple[synthetic.ArrayPairIterator, synthetic.Batch]:
-  """Returns (train iterator over per-process batches, per-process eval batch)."""
-  data = config.data
-  if data.source != "synthetic":
-    raise ValueError(f"Unknown data source {data.source!r}; available: 'synthetic'.")
-  m = config.model
-  shape = (m.in_channels, m.sample_size, m.sample_size)
+@dataclasses.dataclass(eq=False)
+class Data:
+  """Everything the trainer needs from the data side.
+
+  Attributes:
+    train: iterator of per-process batches with `element_spec`, `get_state`,
+      `set_state`.
+    eval_batch: a fixed per-process batch (same format as `train`'s).
+    uncond: empty-prompt conditioning for caption dropout.
+    encoder: (frozen_params, global raw batch) -> global batch in the step's
+      format, or None when batches are already in that format.
+    frozen: the encoder's parameters (never trained, never donated).
+  """
+
+  train: Iterator[Batch]
+  eval_batch: Batch
+  uncond: dict[str, np.ndarray]
+  encoder: Callable[[Any, Batch], Batch] | None = None
+  frozen: Any = None
+
+
+def make_data(config: ml_collections.ConfigDict, models: Models, workdir: str) -> Data:
+  if config.data.source == "synthetic":
+    return _synthetic(config)
+  if config.data.source == "pickapic":
+    return _pickapic(config, models, workdir)
+  raise ValueError(
+    f"Unknown data source {config.data.source!r}; available: 'synthetic', 'pickapic'."
+  )
+
+
+def _synthetic(config: ml_collections.ConfigDict) -> Data:
+  data, m = config.data, config.model
   common = dict(
     num_prompts=data.num_prompts,
-    latent_shape=shape,
+    latent_shape=(m.in_channels, m.sample_size, m.sample_size),
     seq_len=data.seq_len,
     context_dim=m.cross_attention_dim,
   )
@@ -36,18 +78,84 @@ def make_train_and_eval(
   held = synthetic.make_synthetic_pairs(
     num_examples=data.eval_batch_size, seed=config.seed + 1, **common
   )
+  eval_batch = _local_rows(held)
+  # The synthetic "text encoder" is a random table; the empty prompt is zeros.
+  uncond = {"context": np.zeros((data.seq_len, m.cross_attention_dim), np.float32)}
+  return Data(train=it, eval_batch=eval_batch, uncond=uncond)
+
+
+def _local_rows(batch: Batch) -> Batch:
+  """This process's contiguous block of a global batch."""
   pi, pc = jax.process_index(), jax.process_count()
-  eval_batch = {k: v[pi::pc] for k, v in held.items()}
-  return it, eval_batch
+  n = len(next(iter(batch.values())))
+  return {k: v[pi * n // pc : (pi + 1) * n // pc] for k, v in batch.items()}
 
 
-def uncond_conditioning(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """The empty prompt's conditioning, used by caption dropout.
+def _pickapic(config: ml_collections.ConfigDict, models: Models, workdir: str) -> Data:
+  from dpo_jax.data import pickapic, pipeline  # TFDS only when this source is used.
 
-  For the synthetic source the "text encoder" is a random table, so the empty
-  prompt is represented by an all-zero context.
-  """
-  if config.data.source == "synthetic":
-    shape = (config.data.seq_len, config.model.cross_attention_dim)
-    return {"context": np.zeros(shape, np.float32)}
-  raise ValueError(f"Unknown data source {config.data.source!r}.")
+  if models.pipeline is None:
+    raise ValueError("data.source='pickapic' needs config.pretrained_path (VAE, text encoders).")
+  data = config.data
+  if not data.path:
+    raise ValueError("data.source='pickapic' needs config.data.path (a folder of parquet shards).")
+  tfds_dir = data.tfds_dir or os.path.join(workdir, "tfds")
+
+  def build() -> str:
+    return pickapic.build_pickapic(
+      data.path,
+      tfds_dir,
+      max_examples=data.max_examples or None,
+      max_skip_rate=data.max_skip_rate,
+      keep_empty_captions=data.keep_empty_captions,
+    ).data_dir
+
+  # One writer: process 0 builds (or reuses) the checked array_record copy,
+  # the others open it after the barrier.
+  if jax.process_index() == 0:
+    built = build()
+    report = pickapic.load_data_report(built)
+    with open(os.path.join(workdir, "data_report.json"), "w") as f:
+      json.dump(report, f, indent=2)
+    for split, r in report["splits"].items():
+      logging.info("Data %s: %s", split, {k: v for k, v in r.items() if k != "skipped"})
+  multihost_utils.sync_global_devices("dpo_jax_data_built")
+  if jax.process_index() != 0:
+    built = build()
+
+  pipe = models.pipeline
+  tokenize = encode.make_tokenize_fn(pipe)
+  common = dict(
+    resolution=data.resolution,
+    tokenize_fn=tokenize,
+    random_crop=data.random_crop,
+    flip=data.flip,
+    num_threads=data.num_threads,
+  )
+  train = pipeline.make_pickapic_iterator(
+    built, "train", global_batch_size=data.global_batch_size, seed=config.seed, **common
+  )
+  eval_split = data.eval_split if data.eval_split in pickapic.split_files(data.path) else "train"
+  if eval_split != data.eval_split:
+    logging.warning("No %r split in %s: eval uses a fixed train batch.", data.eval_split, data.path)
+  # Eval: one fixed batch, no random crop/flip, same for every run.
+  ev = pipeline.make_pickapic_iterator(
+    built,
+    eval_split,
+    global_batch_size=data.eval_batch_size,
+    seed=config.seed + 1,
+    **dict(common, random_crop=False, flip="none"),
+  )
+  eval_batch = next(ev)
+  ev.close()
+
+  def encoder(frozen, raw):
+    return encode.encode_batch(pipe, frozen, raw, data.resolution)
+
+  return Data(
+    train=train,
+    eval_batch=eval_batch,
+    uncond=encode.empty_prompt_conditioning(pipe),
+    encoder=encoder,
+    frozen=encode.frozen_params(pipe),
+  )
