@@ -64,7 +64,14 @@ def read_jsonl(workdir):
 
 def load_params(workdir, step):
   path = os.path.join(workdir, "checkpoints", str(step), "state")
-  restored = ocp.StandardCheckpointer().restore(path)
+  ckptr = ocp.StandardCheckpointer()
+  # Restore onto one local device whatever topology saved it (e.g. 2 processes).
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+    ckptr.metadata(path).item_metadata,
+  )
+  restored = ckptr.restore(path, abstract)
   return jax.tree.map(np.asarray, restored["train_state"]["params"])
 
 
