@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import sys
@@ -29,6 +28,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks import results_io  # noqa: E402
 from dpo_jax.data import pickapic, pipeline  # noqa: E402
 
 
@@ -147,9 +147,7 @@ def main() -> None:
     f"mean JPEG {kb:.0f} KB, synthesis {synth_s:.1f} s)"
   )
   out = {
-    "machine": platform.machine(),
     "processor": platform.processor(),
-    "cpu_count": os.cpu_count(),
     "threads": args.threads,
     "resolution": args.resolution,
     "source_sides": [args.min_side, args.max_side],
@@ -158,14 +156,10 @@ def main() -> None:
     "timed_batches": args.batches,
     "pairs_per_s": pairs_s,
     "cpu_ms_per_pair": cpu_ms,
-    "load_average_1m": os.getloadavg()[0],
     "single_thread_pairs_per_s": single_pairs_s,
     "build_rows_per_s": args.pairs / build_s,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=2)
-  print(f"wrote {args.out}")
+  results_io.write_results(out, args.out)
 
 
 if __name__ == "__main__":

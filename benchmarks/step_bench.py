@@ -11,9 +11,7 @@ two reference forwards, vs fwd+bwd on one image) and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -23,6 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import results_io  # noqa: E402
 from configs import common  # noqa: E402
 from dpo_jax import optim, trainer  # noqa: E402
 from dpo_jax import step as step_lib  # noqa: E402
@@ -93,19 +92,12 @@ def main() -> None:
     )
   print(f"DPO/SFT step time ratio: {ratio:.2f} (ideal ~{8 / 3:.2f} for the same pairs)")
   out = {
-    "backend": jax.default_backend(),
-    "devices": [str(d) for d in jax.devices()],
-    "machine": platform.machine(),
-    "cpu_count": os.cpu_count(),
     "pairs": args.pairs,
     "latent_size": args.size,
     "results": results,
     "dpo_over_sft": ratio,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=2)
-  print(f"wrote {args.out}")
+  results_io.write_results(out, args.out)
 
 
 if __name__ == "__main__":
