@@ -102,4 +102,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.flip = "independent"  # independent | shared | none
   c.data.num_threads = 8
   c.data.eval_split = "validation_unique"
+  # cache source: a directory written by `python -m dpo_jax.data.cache`.
+  c.data.cache_dir = ""
   return c

@@ -129,6 +129,43 @@ def preprocess_pair(
   }
 
 
+def load_example(
+  source: Sequence[Mapping[str, Any]],
+  row: int,
+  seed: int,
+  epoch: int,
+  resolution: int,
+  **aug: Any,
+) -> dict[str, Any]:
+  """Row `row` of a checked source -> preprocessed pair (winner first) + caption + id.
+
+  Augmentation is keyed by (seed, epoch, row), so it is independent of the
+  reader thread, the process count and the position in the stream.
+  """
+  ex = source[row]
+  label_0 = float(ex["label_0"])
+  if label_0 not in (0.0, 1.0):
+    raise RuntimeError(
+      f"Row {row} (example_id {ex['example_id']}) has label_0={label_0}; the source must "
+      "hold checked strict preferences (build it with pickapic.build_pickapic)."
+    )
+  jpg_w, jpg_l = (ex["jpg_0"], ex["jpg_1"]) if label_0 == 1.0 else (ex["jpg_1"], ex["jpg_0"])
+  rng = np.random.default_rng([seed, 1, epoch, row])
+  try:
+    out = preprocess_pair(jpg_w, jpg_l, rng, resolution, **aug)
+  except decode.ImageRejected as e:
+    # Cannot happen for a source that passed the build checks; skipping here
+    # would make processes disagree on batch counts, so fail loudly instead.
+    raise RuntimeError(
+      f"example_id {ex['example_id']} (row {row}) failed to decode although the dataset "
+      f"was checked when built ({e}); the files changed since, rebuild the dataset."
+    ) from e
+  caption = ex["caption"]
+  out["caption"] = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+  out["example_id"] = np.int64(ex["example_id"])
+  return out
+
+
 class _LocalOrder(Sequence):
   """Process-local stream position k -> (epoch, row index); see the module docstring."""
 
@@ -236,30 +273,7 @@ class PairBatchIterator:
 
   def _load(self, epoch_and_row: tuple[int, int]) -> dict[str, Any]:
     epoch, row = epoch_and_row
-    ex = self._source[row]
-    label_0 = float(ex["label_0"])
-    if label_0 not in (0.0, 1.0):
-      raise RuntimeError(
-        f"Row {row} (example_id {ex['example_id']}) has label_0={label_0}; the source must "
-        "hold checked strict preferences (build it with pickapic.build_pickapic)."
-      )
-    jpg_w, jpg_l = (ex["jpg_0"], ex["jpg_1"]) if label_0 == 1.0 else (ex["jpg_1"], ex["jpg_0"])
-    # Keyed by (seed, epoch, row): augmentation is independent of the reader
-    # thread, the process count and the position in the stream.
-    rng = np.random.default_rng([self._seed, 1, epoch, row])
-    try:
-      out = preprocess_pair(jpg_w, jpg_l, rng, self._res, **self._aug)
-    except decode.ImageRejected as e:
-      # Cannot happen for a source that passed the build checks; skipping here
-      # would make processes disagree on batch counts, so fail loudly instead.
-      raise RuntimeError(
-        f"example_id {ex['example_id']} (row {row}) failed to decode although the dataset "
-        f"was checked when built ({e}); the files changed since, rebuild the dataset."
-      ) from e
-    caption = ex["caption"]
-    out["caption"] = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
-    out["example_id"] = np.int64(ex["example_id"])
-    return out
+    return load_example(self._source, row, self._seed, epoch, self._res, **self._aug)
 
   def _collate(self, examples: Sequence[dict[str, Any]]) -> Batch:
     batch = {

@@ -53,8 +53,37 @@ def make_data(config: ml_collections.ConfigDict, models: Models, workdir: str) -
     return _synthetic(config)
   if config.data.source == "pickapic":
     return _pickapic(config, models, workdir)
+  if config.data.source == "cache":
+    return _cache(config)
   raise ValueError(
-    f"Unknown data source {config.data.source!r}; available: 'synthetic', 'pickapic'."
+    f"Unknown data source {config.data.source!r}; available: 'synthetic', 'pickapic', 'cache'."
+  )
+
+
+def _cache(config: ml_collections.ConfigDict) -> Data:
+  """Latents and text embeddings precomputed by `python -m dpo_jax.data.cache`."""
+  from dpo_jax.data import cache
+
+  if not config.data.cache_dir:
+    raise ValueError("data.source='cache' needs config.data.cache_dir.")
+  arrays, uncond, info = cache.read_cache(config.data.cache_dir)
+  logging.info("Latent cache %s: %s", config.data.cache_dir, info)
+  it = synthetic.ArrayPairIterator(
+    arrays,
+    config.data.global_batch_size,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  # A fixed eval batch: the first examples of the cache (the cache holds the
+  # train split; no held-out split is cached yet).
+  n_eval = config.data.eval_batch_size
+  eval_batch = _local_rows({k: v[np.arange(n_eval)] for k, v in arrays.items()})
+  return Data(
+    train=it,
+    eval_batch=eval_batch,
+    uncond=uncond,
+    encoder=lambda frozen, flat: cache.to_step_batch(flat),
   )
 
 

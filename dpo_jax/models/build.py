@@ -12,6 +12,7 @@ Two sources, chosen by `config.pretrained_path`:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -45,9 +46,18 @@ class Models:
   pipeline: loader.Pipeline | None
 
 
-def build_models(config: ml_collections.ConfigDict) -> Models:
-  """Random-init or pretrained UNet per `config.pretrained_path`."""
+def build_models(config: ml_collections.ConfigDict, with_encoders: bool | None = None) -> Models:
+  """Random-init or pretrained UNet per `config.pretrained_path`.
+
+  Args:
+    config: the run config.
+    with_encoders: load the VAE, text encoders and tokenizers too. Default:
+      unless training reads a latent cache (`data.source == "cache"`), which
+      needs only the UNet and the scheduler.
+  """
   compute = config.precision.compute_dtype
+  if with_encoders is None:
+    with_encoders = config.data.source != "cache"
   if not config.pretrained_path:
     unet = unet_lib.unet_from_config(config.model, compute)
     return Models(
@@ -55,6 +65,17 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
       init_params=lambda rng: unet_lib.init_unet_params(unet, rng),
       pretrained_params=None,
       scheduler_config=config.scheduler.to_dict(),
+      pipeline=None,
+    )
+  if not with_encoders:
+    unet, params = loader.load_unet(os.path.join(config.pretrained_path, "unet"), dtype=compute)
+    return Models(
+      unet=unet,
+      init_params=lambda rng: unet_lib.init_unet_params(unet, rng),
+      pretrained_params=params,
+      scheduler_config=loader.load_scheduler_config(
+        os.path.join(config.pretrained_path, "scheduler")
+      ),
       pipeline=None,
     )
   pipeline = loader.load_pipeline(config.pretrained_path, dtype=compute)
