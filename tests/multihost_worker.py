@@ -1,4 +1,7 @@
-"""One process of a 2-process CPU run: `python tests/multihost_worker.py PID PORT WORKDIR N`.
+"""One process of a 2-process CPU run.
+
+  python tests/multihost_worker.py PID PORT WORKDIR STEPS           # train
+  python tests/multihost_worker.py PID PORT pickapic DATA_DIR B N   # read N batches
 
 Each process owns 4 CPU devices; gloo provides the cross-process collectives.
 """
@@ -13,10 +16,28 @@ import jax  # noqa: E402
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
+def read_pickapic_epoch(data_dir: str, global_batch: int, num_batches: int) -> None:
+  """Prints this process's example ids per batch; sharding comes from jax itself."""
+  import json
+
+  from dpo_jax.data import pipeline
+
+  it = pipeline.make_pickapic_iterator(
+    data_dir, "train", global_batch_size=global_batch, resolution=8, seed=0, num_threads=2
+  )
+  ids = [[int(i) for i in next(it)["example_id"]] for _ in range(num_batches)]
+  it.close()
+  print("IDS", json.dumps({"process": jax.process_index(), "ids": ids}), flush=True)
+
+
 def main() -> None:
-  pid, port, workdir, steps = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+  pid, port = int(sys.argv[1]), sys.argv[2]
   jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if sys.argv[3] == "pickapic":
+    read_pickapic_epoch(sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+    return
+  workdir, steps = sys.argv[3], int(sys.argv[4])
   from dpo_jax import trainer
   from tests.test_train import make_config
 

@@ -381,3 +381,43 @@ def test_decode_refuses_bombs_and_truncation_switch(monkeypatch):
   monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
   with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
     decode.decode_rgb(_jpeg(RED))
+
+
+def test_two_real_processes_split_each_global_batch(world):
+  """jax.distributed with 2 processes x 4 CPU devices: disjoint halves of each global batch."""
+  import json
+  import subprocess
+  import sys
+
+  import portpicker
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  port = str(portpicker.pick_unused_port())
+  worker = os.path.join(repo, "tests", "multihost_worker.py")
+  args = ["pickapic", os.fspath(world["data_dir"]), str(GLOBAL_BATCH), "3"]
+  env = dict(os.environ, PYTHONPATH=repo)
+  procs = [
+    subprocess.Popen(
+      [sys.executable, worker, str(i), port, *args],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+  got = {}
+  for out in outs:
+    line = next(ln for ln in out.splitlines() if ln.startswith("IDS "))
+    rec = json.loads(line[4:])
+    got[rec["process"]] = rec["ids"]
+  single = _iterator(world)
+  ref = _take(single, 3)  # One whole epoch on one process.
+  single.close()
+  for b in range(3):
+    assert not set(got[0][b]) & set(got[1][b])
+    assert got[0][b] + got[1][b] == _ids([ref[b]])
+  union = {i for p in (0, 1) for batch in got[p] for i in batch}
+  assert len(union) == 3 * GLOBAL_BATCH  # No duplicates, nothing missing in the epoch.
