@@ -1,0 +1,159 @@
+"""Memory and compute plan for a full-size train step, from shapes alone.
+
+  python -m dpo_jax.tools.plan --config=configs/sdxl.py --mesh=data=1,fsdp=8
+
+Builds the UNet of `--kind` (default: from the config name) from its published
+architecture (`models.architectures`), derives parameters, optimizer state and
+shardings with `jax.eval_shape` (no weights are created or loaded), then
+ahead-of-time lowers and compiles one optimizer micro-step of the configured
+objective on forced host CPU devices (`--xla_force_host_platform_device_count`)
+and prints, per device: parameter + optimizer bytes, frozen-reference bytes,
+XLA's temp (activation) memory, and FLOPs per step and per pair. With
+gradient accumulation the step is planned for one micro-batch
+(global_batch_size / grad_accum pairs); a full optimizer step is grad_accum
+of them. CPU compilation only estimates accelerator memory: layouts, fusion
+and remat decisions differ on TPU/GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _force_devices(argv: list[str]) -> None:
+  """Sets the host device count from --mesh before jax initialises."""
+  mesh = next((a.split("=", 1)[1] for a in argv if a.startswith("--mesh=")), "data=1,fsdp=8")
+  n = 1
+  for part in mesh.split(","):
+    n *= int(part.split("=")[1])
+  flags = os.environ.get("XLA_FLAGS", "")
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+if __name__ == "__main__":
+  _force_devices(sys.argv)
+
+import json  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dpo_jax import optim, sharding, trainer  # noqa: E402
+from dpo_jax import step as step_lib  # noqa: E402
+from dpo_jax.models import architectures  # noqa: E402
+from dpo_jax.models import unet as unet_lib  # noqa: E402
+
+
+def _bytes_per_device(abstract: Any, shardings: Any) -> float:
+  total = 0.0
+  for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    shard = s.shard_shape(a.shape)
+    total += float(np.prod(shard, dtype=np.float64)) * jnp.dtype(a.dtype).itemsize
+  return total
+
+
+def plan(config: ml_collections.ConfigDict, kind: str, data: int, fsdp: int) -> dict[str, Any]:
+  """Lowers and compiles one micro-step; returns per-device bytes and FLOPs."""
+  unet_cfg, side, tokens, pooled = architectures.ARCHITECTURES[kind]
+  unet = unet_lib.unet_from_config(unet_cfg, config.precision.compute_dtype)
+  # The first data*fsdp devices, so a small plan also runs in a process with more.
+  mesh = sharding.make_mesh(data, fsdp, jax.devices()[: data * fsdp])
+  micro = config.data.global_batch_size // config.optim.grad_accum
+  micro = max(micro, mesh.size)  # At least one pair per device.
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.optim.grad_accum = 1
+  tx, lr_fn = optim.make_optimizer(c.optim, c.max_steps)
+  ctx_dim = unet_cfg["cross_attention_dim"]
+  uncond = {"context": np.zeros((tokens, ctx_dim), np.float32)}
+  if pooled:
+    uncond["text_embeds"] = np.zeros((pooled,), np.float32)
+  spec = trainer.build_step_spec(c, unet_lib.make_unet_apply(unet), tx, lr_fn, uncond)
+  rules = [tuple(r) for r in c.sharding_rules]
+
+  abstract_params = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
+  abstract_params = jax.tree.map(lambda x: x, dict(abstract_params))
+  abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), abstract_params)
+  state_sh = sharding.tree_shardings(abstract_state, mesh, rules, c.fsdp_min_size)
+  ref_dtype = unet_lib.parse_dtype(c.precision.ref_dtype)
+  abstract_ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, ref_dtype), abstract_params)
+  batch_sh = sharding.batch_sharding(mesh)
+  repl = sharding.replicated(mesh)
+  batch = {
+    "latents_w": jax.ShapeDtypeStruct((micro, 4, side, side), jnp.float32),
+    "latents_l": jax.ShapeDtypeStruct((micro, 4, side, side), jnp.float32),
+    "context": jax.ShapeDtypeStruct((micro, tokens, ctx_dim), jnp.float32),
+  }
+  if pooled:
+    batch["added_cond"] = {
+      "text_embeds": jax.ShapeDtypeStruct((micro, pooled), jnp.float32),
+      "time_ids": jax.ShapeDtypeStruct((micro, 6), jnp.float32),
+    }
+  batch_shs = jax.tree.map(lambda _: batch_sh, batch)
+  fn = step_lib.jit_train_step(spec, state_sh, state_sh.params, batch_shs, repl)
+  t0 = time.perf_counter()
+  lowered = fn.lower(abstract_state, abstract_ref, batch, jax.random.PRNGKey(0))
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  flops_device = trainer._flops(compiled)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+  return {
+    "kind": kind,
+    "objective": c.objective,
+    "mesh": {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"]},
+    "unet_params": n_params,
+    "pairs_per_micro_step": micro,
+    "grad_accum": config.optim.grad_accum,
+    "param_and_opt_bytes_per_device": _bytes_per_device(abstract_state, state_sh),
+    "reference_bytes_per_device": _bytes_per_device(abstract_ref, state_sh.params),
+    "temp_bytes_per_device": float(getattr(mem, "temp_size_in_bytes", float("nan"))),
+    "flops_per_device_per_micro_step": flops_device,
+    "flops_per_pair": flops_device * mesh.size / micro,
+    "compile_s": compile_s,
+  }
+
+
+def _gib(x: float) -> str:
+  return f"{x / 2**30:.2f} GiB"
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  from absl import flags
+
+  config = flags.FLAGS.config
+  parts = dict(p.split("=") for p in flags.FLAGS.mesh.split(","))
+  kind = flags.FLAGS.kind or ("sdxl" if "sdxl" in flags.FLAGS["config"].config_filename else "sd15")
+  r = plan(config, kind, int(parts.get("data", 1)), int(parts.get("fsdp", 1)))
+  print(
+    f"{kind} {r['objective']} mesh data={r['mesh']['data']} fsdp={r['mesh']['fsdp']}: "
+    f"UNet {r['unet_params'] / 1e6:.0f}M params\n"
+    f"  params + optimizer state / device: {_gib(r['param_and_opt_bytes_per_device'])}\n"
+    f"  frozen reference / device:         {_gib(r['reference_bytes_per_device'])}\n"
+    f"  XLA temp (activations) / device:   {_gib(r['temp_bytes_per_device'])}"
+    f" (micro-step of {r['pairs_per_micro_step']} pairs)\n"
+    f"  FLOPs / pair: {r['flops_per_pair'] / 1e12:.2f} T;"
+    f" per optimizer step ({r['grad_accum']} micro-steps):"
+    f" {r['flops_per_pair'] * r['pairs_per_micro_step'] * r['grad_accum'] / 1e15:.2f} PFLOP\n"
+    f"  compiled in {r['compile_s']:.0f} s"
+  )
+  if flags.FLAGS.out:
+    with open(flags.FLAGS.out, "w") as f:
+      json.dump(r, f, indent=2)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "Training config.", lock_config=True)
+  flags.DEFINE_string("mesh", "data=1,fsdp=8", "Mesh as data=D,fsdp=F (forced CPU devices).")
+  flags.DEFINE_string("kind", "", "sd15 | sdxl (default: from the config file name).")
+  flags.DEFINE_string("out", "", "Optional JSON output path.")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
