@@ -102,6 +102,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.flip = "independent"  # independent | shared | none
   c.data.num_threads = 8
   c.data.eval_split = "validation_unique"
+  # Parquet column of each logical field, so any preference set with the same
+  # layout works ("" for example_id = use the row index).
+  c.data.columns = ml_collections.ConfigDict(
+    {
+      "caption": "caption",
+      "jpg_0": "jpg_0",
+      "jpg_1": "jpg_1",
+      "label_0": "label_0",
+      "label_1": "label_1",
+      "example_id": "ranking_id",
+    }
+  )
+  # Carry Pick-a-Pic's other columns (model_0, user_id, ...) into the build.
+  c.data.keep_extra_columns = True
   # cache source: a directory written by `python -m dpo_jax.data.cache`.
   c.data.cache_dir = ""
   return c

@@ -53,16 +53,10 @@ def write_cache(
   shard_size: int = 256,
 ) -> int:
   """Encodes `split` into `output`; returns the number of examples in the cache."""
-  from dpo_jax.data import pickapic
+  from dpo_jax.data import pickapic, sources
 
   pipe = models.pipeline
-  built = pickapic.build_pickapic(
-    config.data.path,
-    config.data.tfds_dir or os.path.join(output, "tfds"),
-    max_examples=config.data.max_examples or None,
-    max_skip_rate=config.data.max_skip_rate,
-    keep_empty_captions=config.data.keep_empty_captions,
-  ).data_dir
+  built = sources.build_dataset(config, config.data.tfds_dir or os.path.join(output, "tfds"))
   source = pickapic.open_split(built, split)
   n = len(source)
   res = config.data.resolution

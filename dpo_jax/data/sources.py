@@ -120,6 +120,23 @@ def _local_rows(batch: Batch) -> Batch:
   return {k: v[pi * n // pc : (pi + 1) * n // pc] for k, v in batch.items()}
 
 
+def build_dataset(config: ml_collections.ConfigDict, tfds_dir: str) -> str:
+  """Checks the parquet shards once and writes them as array_record; -> build dir."""
+  from dpo_jax.data import pickapic
+
+  data = config.data
+  columns = {k: (v or None) for k, v in data.columns.items()}
+  return pickapic.build_pickapic(
+    data.path,
+    tfds_dir,
+    columns=columns,
+    extra_columns=dict(pickapic.PICKAPIC_EXTRA_COLUMNS) if data.keep_extra_columns else {},
+    max_examples=data.max_examples or None,
+    max_skip_rate=data.max_skip_rate,
+    keep_empty_captions=data.keep_empty_captions,
+  ).data_dir
+
+
 def _pickapic(config: ml_collections.ConfigDict, models: Models, workdir: str) -> Data:
   from dpo_jax.data import pickapic, pipeline  # TFDS only when this source is used.
 
@@ -131,13 +148,7 @@ def _pickapic(config: ml_collections.ConfigDict, models: Models, workdir: str) -
   tfds_dir = data.tfds_dir or os.path.join(workdir, "tfds")
 
   def build() -> str:
-    return pickapic.build_pickapic(
-      data.path,
-      tfds_dir,
-      max_examples=data.max_examples or None,
-      max_skip_rate=data.max_skip_rate,
-      keep_empty_captions=data.keep_empty_captions,
-    ).data_dir
+    return build_dataset(config, tfds_dir)
 
   # One writer: process 0 builds (or reuses) the checked array_record copy,
   # the others open it after the barrier.
