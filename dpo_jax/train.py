@@ -10,8 +10,12 @@ from __future__ import annotations
 import logging as std_logging
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# Entry-point-only environment defaults: TensorFlow (imported by clu for
+# TensorBoard) otherwise prints C++ info lines on import.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny.py")
 
@@ -34,6 +38,11 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  from diffusers.utils import logging as diffusers_logging
+
+  # diffusers 0.39 warns "Flax classes are deprecated" on every module init;
+  # the Flax classes are exactly what this project pins the version for.
+  diffusers_logging.set_verbosity_error()
   import jax  # Imported late so that XLA flags set in the environment take effect.
 
   from dpo_jax import trainer

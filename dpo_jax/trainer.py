@@ -98,6 +98,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
      this invocation}.
   """
   workdir = os.fspath(workdir)
+  if "://" not in workdir:
+    # orbax requires absolute paths; `--workdir=runs/tiny` is relative to the cwd.
+    workdir = os.path.abspath(workdir)
   lead = jax.process_index() == 0
   if lead:
     os.makedirs(workdir, exist_ok=True)
@@ -159,6 +162,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_iter.set_state(data_state)
     logging.info("Resumed from step %d in %s (data position %s).", start_step, workdir, data_state)
   del init_params
+  if start_step >= config.max_steps:
+    logging.info(
+      "Workdir %s is already at step %d >= max_steps=%d: nothing to train.",
+      workdir,
+      start_step,
+      config.max_steps,
+    )
+    manager.close()
+    writer.close()
+    return {"state": state, "train": {}, "eval": {}, "history": [], "flops_per_step": float("nan")}
 
   frozen = None if data.frozen is None else jax.device_put(data.frozen, repl)
   if data.encoder is None:
@@ -243,13 +256,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         force=is_last,
       )
 
-  if step == start_step:
-    logging.info(
-      "Workdir %s is already at step %d >= max_steps=%d: nothing to train.",
-      workdir,
-      start_step,
-      config.max_steps,
-    )
   manager.wait_until_finished()
   manager.close()
   writer.flush()

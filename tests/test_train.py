@@ -137,12 +137,20 @@ def test_run_writes_checkpoints_tensorboard_and_jsonl(uninterrupted):
   assert rows[1]["train/lr"] == 0.0 and rows[8]["train/lr"] == pytest.approx(2e-4)
 
 
+def test_rerunning_a_finished_run_trains_nothing(uninterrupted):
+  workdir, _ = uninterrupted
+  result = trainer.train_and_evaluate(make_config(), workdir)
+  assert result["history"] == [] and int(result["state"].step) == 8
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6", "8"]
+
+
 def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
   sharded = str(tmp_path / "fsdp")
   trainer.train_and_evaluate(make_config(max_steps=5, **{"mesh.data": 2, "mesh.fsdp": 4}), sharded)
   one = str(tmp_path / "one")
-  args, env = cli(one, devices=1, max_steps=5, **{"mesh.data": 1, "mesh.fsdp": 1})
-  proc = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  # A relative --workdir, as users type it, resolved against the cwd.
+  args, env = cli("one", devices=1, max_steps=5, **{"mesh.data": 1, "mesh.fsdp": 1})
+  proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   l1, l8 = read_jsonl(one), read_jsonl(sharded)
   assert sorted(l1) == sorted(l8) == [1, 2, 3, 4, 5]
