@@ -63,8 +63,12 @@ def plan(config: ml_collections.ConfigDict, kind: str, data: int, fsdp: int) -> 
   unet = unet_lib.unet_from_config(unet_cfg, config.precision.compute_dtype)
   # The first data*fsdp devices, so a small plan also runs in a process with more.
   mesh = sharding.make_mesh(data, fsdp, jax.devices()[: data * fsdp])
-  micro = config.data.global_batch_size // config.optim.grad_accum
-  micro = max(micro, mesh.size)  # At least one pair per device.
+  accum = config.optim.grad_accum
+  micro = config.data.global_batch_size // accum
+  if micro < mesh.size:
+    # At least one pair per device: fewer, larger micro-steps, same global batch.
+    micro = mesh.size
+    accum = max(1, config.data.global_batch_size // micro)
   c = ml_collections.ConfigDict(config.to_dict())
   c.optim.grad_accum = 1
   tx, lr_fn = optim.make_optimizer(c.optim, c.max_steps)
@@ -108,7 +112,7 @@ def plan(config: ml_collections.ConfigDict, kind: str, data: int, fsdp: int) -> 
     "mesh": {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"]},
     "unet_params": n_params,
     "pairs_per_micro_step": micro,
-    "grad_accum": config.optim.grad_accum,
+    "grad_accum": accum,
     "param_and_opt_bytes_per_device": _bytes_per_device(abstract_state, state_sh),
     "reference_bytes_per_device": _bytes_per_device(abstract_ref, state_sh.params),
     "temp_bytes_per_device": float(getattr(mem, "temp_size_in_bytes", float("nan"))),
