@@ -66,6 +66,11 @@ class StepSpec:
   caption_dropout: float = 0.0
   # Empty-prompt conditioning: {"context": [L, D]} (+ "text_embeds": [E] for SDXL).
   uncond: dict[str, Any] | None = None
+  # dtype both UNets' weights are cast to for the forward pass (None: as
+  # stored). Casting the fp32 policy exactly as the stored bf16 reference
+  # makes both forwards bit-identical at step 0; otherwise layers that compute
+  # in their params' dtype (norms) differ by rounding, which beta amplifies.
+  compute_param_dtype: Any = None
 
 
 def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
@@ -107,6 +112,9 @@ def pair_mses(
   target = diffusion.training_target(spec.schedule, spec.prediction_type, x0, eps, t)
   added = batch.get("added_cond")
   added = None if added is None else jax.tree.map(rep, added)
+  if spec.compute_param_dtype is not None:
+    # Differentiable cast: gradients still reach the fp32 master weights.
+    params = jax.tree.map(lambda p: p.astype(spec.compute_param_dtype), params)
   pred = spec.apply_fn(params, noisy, t, rep(batch["context"]), added)
   mse = diffusion.per_sample_mse(pred, target)
   if not with_loser:

@@ -70,6 +70,11 @@ def build_step_spec(
     grad_accum=config.optim.grad_accum,
     caption_dropout=float(config.data.caption_dropout),
     uncond=uncond,
+    compute_param_dtype=(
+      None
+      if config.precision.compute_dtype == "float32"
+      else unet_lib.parse_dtype(config.precision.compute_dtype)
+    ),
   )
 
 
