@@ -103,7 +103,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.num_threads = 8
   c.data.eval_split = "validation_unique"
   # Parquet column of each logical field, so any preference set with the same
-  # layout works ("" for example_id = use the row index).
+  # layout works ("" for example_id = use the row index). Defaults mirror
+  # data.pickapic.PICKAPIC_COLUMNS, repeated here so that loading a config
+  # does not import TensorFlow Datasets.
   c.data.columns = ml_collections.ConfigDict(
     {
       "caption": "caption",

@@ -15,9 +15,8 @@ from dpo_jax.models import unet as unet_lib
 from dpo_jax.trainer import build_step_spec
 
 
-@functools.cache
-def _setup_cached(objective="dpo", grad_accum=1):
-  """A one-level UNet (fast to compile); cached so each variant compiles once."""
+def _one_level_config():
+  """The tiny config with a one-level UNet (fast to compile)."""
   from configs import tiny
 
   config = tiny.get_config()
@@ -26,7 +25,13 @@ def _setup_cached(objective="dpo", grad_accum=1):
   config.model.block_out_channels = (32,)
   config.model.down_block_types = ("CrossAttnDownBlock2D",)
   config.model.up_block_types = ("CrossAttnUpBlock2D",)
-  return _setup(config, objective=objective, grad_accum=grad_accum)
+  return config
+
+
+@functools.cache
+def _setup_cached(objective="dpo", grad_accum=1):
+  """Spec, params and batch per variant; cached so each variant compiles once."""
+  return _setup(_one_level_config(), objective=objective, grad_accum=grad_accum)
 
 
 @functools.cache
@@ -196,14 +201,7 @@ def test_caption_dropout_replaces_whole_pairs_with_the_empty_prompt():
 
 
 def test_bf16_compute_and_reference_keep_fp32_master_weights():
-  from configs import tiny
-
-  config = tiny.get_config()
-  config.unlock()
-  config.model.sample_size = 8
-  config.model.block_out_channels = (32,)
-  config.model.down_block_types = ("CrossAttnDownBlock2D",)
-  config.model.up_block_types = ("CrossAttnUpBlock2D",)
+  config = _one_level_config()
   config.optim.warmup_frac = 0.0
   config.precision.compute_dtype = "bfloat16"
   unet = unet_lib.unet_from_config(config.model, "bfloat16")
