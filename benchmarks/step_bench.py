@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import results_io  # noqa: E402
 from configs import common  # noqa: E402
-from dpo_jax import optim, trainer  # noqa: E402
+from dpo_jax import optim  # noqa: E402
 from dpo_jax import step as step_lib  # noqa: E402
 from dpo_jax.data import synthetic  # noqa: E402
 from dpo_jax.models import unet as unet_lib  # noqa: E402
@@ -46,7 +46,7 @@ def time_step(objective: str, pairs: int, size: int, iters: int) -> dict[str, fl
   c = sd_shaped_config(objective, pairs, size)
   unet = unet_lib.unet_from_config(c.model, c.precision.compute_dtype)
   tx, lr_fn = optim.make_optimizer(c.optim, 1000)
-  spec = trainer.build_step_spec(c, unet_lib.make_unet_apply(unet), tx, lr_fn)
+  spec = step_lib.build_step_spec(c, unet_lib.make_unet_apply(unet), tx, lr_fn)
   params = unet_lib.init_unet_params(unet, jax.random.PRNGKey(0))
   ref = jax.tree.map(jnp.copy, params)
   data = synthetic.make_synthetic_pairs(pairs, 2, (4, size, size), 8, 64, seed=0)
@@ -71,7 +71,7 @@ def time_step(objective: str, pairs: int, size: int, iters: int) -> dict[str, fl
     "step_s_min": float(np.min(times)),
     "steps_per_s": 1.0 / med,
     "pairs_per_s": pairs / med,
-    "flops_per_step": trainer._flops(compiled),
+    "flops_per_step": step_lib.compiled_flops(compiled),
   }
 
 

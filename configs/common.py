@@ -15,10 +15,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.seed = 0
-  # "dpo" | "sft" (and "rpo" once it lands).
+  # "dpo" | "sft" | "rpo" (Diffusion-RPO, BRIEF §2).
   c.objective = "dpo"
-  # DPO temperature; the official SD1.5/SDXL runs use 5000.
+  # DPO temperature; the official SD1.5/SDXL runs use 5000. RPO uses it too.
   c.beta = 5000.0
+  # Diffusion-RPO: every winner vs every loser of the global batch, weighted by
+  # w_ij = softmax_j(-(1 - cos(e_i, e_j)) / tau) over frozen-CLIP pair embeddings.
+  # tau: the authors' LM code default `distance_temperature` (rpo-paired.yaml).
+  # embedding: what the data side embeds per pair, "text" | "image" |
+  # "text+image" (the paper's cross-modal variant). Needs optim.grad_accum == 1.
+  c.rpo = ml_collections.ConfigDict()
+  c.rpo.tau = 0.5
+  c.rpo.embedding = "text"
   c.max_steps = 20
   c.log_every = 1
   c.eval_every = 0  # 0 = only at the end.

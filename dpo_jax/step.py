@@ -6,6 +6,9 @@ preference pairs):
   latents_l: [B, C, H, W] rejected-image latents
   context:   [B, L, D]    text-encoder hidden states for the prompt
   added_cond (optional, SDXL): {"text_embeds": [B, E], "time_ids": [B, 6]}
+  rpo_embeds (objective "rpo" only): [B, D] one frozen-CLIP embedding per pair
+             (text, image or both, see `config.rpo.embedding`); any scale,
+             the step L2-normalises the rows
 """
 
 from __future__ import annotations
@@ -19,14 +22,18 @@ import chex
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from diffusers.schedulers.scheduling_utils_flax import CommonSchedulerState
 
 from dpo_jax import diffusion, losses
+from dpo_jax.models import unet as unet_lib
 
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
-OBJECTIVES = ("dpo", "sft")
+OBJECTIVES = ("dpo", "sft", "rpo")
+# What the data side embeds with frozen CLIP for `batch["rpo_embeds"]` (config.rpo.embedding).
+RPO_EMBEDDINGS = ("text", "image", "text+image")
 
 
 @flax.struct.dataclass
@@ -71,6 +78,25 @@ class StepSpec:
   # makes both forwards bit-identical at step 0; otherwise layers that compute
   # in their params' dtype (norms) differ by rounding, which beta amplifies.
   compute_param_dtype: Any = None
+  # Diffusion-RPO distance temperature (objective "rpo" only).
+  rpo_tau: float = 0.5
+
+  def __post_init__(self):
+    if self.objective == "rpo":
+      if self.grad_accum != 1:
+        # RPO couples every pair of the global batch through the [B, B] weight
+        # matrix; a micro-batch would only see its own B/grad_accum pairs and
+        # silently optimise a different (block-diagonal) objective (what the
+        # authors' LM code does per device and micro-batch). An exact version
+        # needs two passes: forward-only MSEs of all micro-batches, then the
+        # [B] loss gradients w.r.t. the policy MSEs as weights of a per-micro-
+        # batch surrogate sum(g * mse) to backpropagate (~25 % more FLOPs).
+        raise ValueError(
+          f"objective 'rpo' needs grad_accum == 1 (got {self.grad_accum}): its loss couples "
+          "all pairs of the global batch, which micro-batches would split."
+        )
+      if not self.rpo_tau > 0:
+        raise ValueError(f"rpo_tau must be > 0, got {self.rpo_tau}.")
 
 
 def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
@@ -123,6 +149,21 @@ def pair_mses(
   return mse[:, 0], mse[:, 1]
 
 
+def rpo_similarity(embeds: jax.Array) -> jax.Array:
+  """[B, D] pair embeddings -> [B, B] cosine similarities over the whole (global) batch.
+
+  Inside jit `embeds` is the global array whatever its sharding, so the matrix
+  (and the loss) does not depend on the device count; XLA gathers the rows.
+  """
+  chex.assert_rank(embeds, 2)
+  e = embeds.astype(jnp.float32)
+  # torch.nn.functional.normalize's guard: a zero row stays zero instead of NaN.
+  e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+  # HIGHEST: TPUs would otherwise multiply float32 in bfloat16, so s_ii drifts
+  # from 1 by bfloat16 rounding, which 1/tau magnifies in the weights.
+  return jnp.matmul(e, e.T, precision=jax.lax.Precision.HIGHEST)
+
+
 def drop_captions(batch: Batch, uncond: dict[str, Any], prob: float, rng: chex.PRNGKey) -> Batch:
   """Replaces each pair's conditioning by the empty prompt's with probability `prob`.
 
@@ -142,10 +183,26 @@ def drop_captions(batch: Batch, uncond: dict[str, Any], prob: float, rng: chex.P
   return out
 
 
+def _policy_and_ref_mses(
+  spec: StepSpec, params: Any, ref_params: Any, batch: Batch, noise: jax.Array, t: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(policy_w, policy_l, ref_w, ref_l) [B] MSEs, all under the same noise and timesteps."""
+  # The reference sees identical inputs; stop_gradient makes it a constant of
+  # the loss even if someone passes the policy params as the reference.
+  ref_w, ref_l = jax.tree.map(jax.lax.stop_gradient, pair_mses(spec, ref_params, batch, noise, t))
+  pol_w, pol_l = pair_mses(spec, params, batch, noise, t)
+  return pol_w, pol_l, ref_w, ref_l
+
+
 def objective_loss(
   spec: StepSpec, params: Any, ref_params: Any, batch: Batch, rng: chex.PRNGKey
 ) -> tuple[jax.Array, Metrics]:
   """The configured objective on one (micro-)batch.  -> (scalar loss, metrics)."""
+  if spec.objective == "rpo" and "rpo_embeds" not in batch:
+    raise KeyError(
+      "objective 'rpo' needs batch['rpo_embeds'] ([B, D] frozen-CLIP pair embeddings); "
+      f"the batch has only {sorted(batch)}."
+    )
   if spec.caption_dropout > 0:
     if spec.uncond is None:
       raise ValueError("caption_dropout > 0 needs the empty-prompt conditioning (spec.uncond).")
@@ -160,11 +217,15 @@ def objective_loss(
     mse_w, _ = pair_mses(spec, params, batch, noise, t, with_loser=False)
     return losses.sft_loss(mse_w)
   if spec.objective == "dpo":
-    # The reference sees identical inputs; stop_gradient makes it a constant of
-    # the loss even if someone passes the policy params as the reference.
-    ref_w, ref_l = jax.tree.map(jax.lax.stop_gradient, pair_mses(spec, ref_params, batch, noise, t))
-    pol_w, pol_l = pair_mses(spec, params, batch, noise, t)
-    return losses.dpo_loss(pol_w, pol_l, ref_w, ref_l, spec.beta)
+    return losses.dpo_loss(
+      *_policy_and_ref_mses(spec, params, ref_params, batch, noise, t), spec.beta
+    )
+  if spec.objective == "rpo":
+    # Caption dropout changes the conditioning, not which prompts the pairs
+    # are about, so the similarity uses the original embeddings.
+    sim = rpo_similarity(batch["rpo_embeds"])
+    mses = _policy_and_ref_mses(spec, params, ref_params, batch, noise, t)
+    return losses.rpo_loss(*mses, sim, spec.beta, spec.rpo_tau)
   raise ValueError(f"Unknown objective {spec.objective!r}; expected one of {OBJECTIVES}.")
 
 
@@ -266,3 +327,64 @@ def jit_eval_step(spec: StepSpec, param_shardings, ref_shardings, batch_sharding
     in_shardings=(param_shardings, ref_shardings, batch_shardings, replicated),
     out_shardings=replicated,
   )
+
+
+def build_step_spec(
+  config: ml_collections.ConfigDict,
+  apply_fn,
+  tx,
+  lr_fn,
+  uncond: dict[str, Any] | None = None,
+  scheduler_config: dict[str, Any] | None = None,
+) -> StepSpec:
+  """The step's static description; `scheduler_config` defaults to `config.scheduler`."""
+  sched = dict(scheduler_config or config.scheduler.to_dict())
+  if config.objective not in OBJECTIVES:
+    raise ValueError(f"config.objective={config.objective!r}; expected one of {OBJECTIVES}.")
+  if config.objective == "rpo" and config.rpo.embedding not in RPO_EMBEDDINGS:
+    raise ValueError(
+      f"config.rpo.embedding={config.rpo.embedding!r}; expected one of {RPO_EMBEDDINGS}."
+    )
+  if config.data.global_batch_size % config.optim.grad_accum:
+    raise ValueError(
+      f"global_batch_size={config.data.global_batch_size} is not divisible by "
+      f"grad_accum={config.optim.grad_accum}."
+    )
+  return StepSpec(
+    apply_fn=apply_fn,
+    tx=tx,
+    lr_fn=lr_fn,
+    schedule=diffusion.make_noise_schedule(sched),
+    objective=config.objective,
+    beta=float(config.beta),
+    prediction_type=sched.get("prediction_type", "epsilon"),
+    num_train_timesteps=int(sched.get("num_train_timesteps", 1000)),
+    grad_accum=config.optim.grad_accum,
+    caption_dropout=float(config.data.caption_dropout),
+    uncond=uncond,
+    rpo_tau=float(config.rpo.tau),
+    compute_param_dtype=(
+      None
+      if config.precision.compute_dtype == "float32"
+      else unet_lib.parse_dtype(config.precision.compute_dtype)
+    ),
+  )
+
+
+def compiled_flops(compiled) -> float:
+  """FLOPs of one call of an ahead-of-time compiled function, from XLA's cost analysis.
+
+  Args:
+    compiled: a `jax.stages.Compiled` (`jax.jit(f).lower(...).compile()`).
+
+  Returns:
+    The per-device FLOPs XLA reports (for an SPMD program, one device's share),
+    or NaN where the backend gives no cost analysis.
+  """
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+      cost = cost[0]
+    return float(cost.get("flops", float("nan")))
+  except Exception:  # noqa: BLE001 - cost analysis is best-effort on some backends.
+    return float("nan")

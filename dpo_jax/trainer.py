@@ -26,55 +26,17 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from dpo_jax import checkpoint, diffusion, metrics, optim, sharding
+from dpo_jax import checkpoint, metrics, optim, sharding
 from dpo_jax import step as step_lib
 from dpo_jax.data import encode, sources
 from dpo_jax.models import build as build_lib
 from dpo_jax.models import unet as unet_lib
+from dpo_jax.step import build_step_spec, compiled_flops
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
   return jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-  )
-
-
-def build_step_spec(
-  config: ml_collections.ConfigDict,
-  apply_fn,
-  tx,
-  lr_fn,
-  uncond: dict[str, Any] | None = None,
-  scheduler_config: dict[str, Any] | None = None,
-) -> step_lib.StepSpec:
-  """The step's static description; `scheduler_config` defaults to `config.scheduler`."""
-  sched = dict(scheduler_config or config.scheduler.to_dict())
-  if config.objective not in step_lib.OBJECTIVES:
-    raise ValueError(
-      f"config.objective={config.objective!r}; expected one of {step_lib.OBJECTIVES}."
-    )
-  if config.data.global_batch_size % config.optim.grad_accum:
-    raise ValueError(
-      f"global_batch_size={config.data.global_batch_size} is not divisible by "
-      f"grad_accum={config.optim.grad_accum}."
-    )
-  return step_lib.StepSpec(
-    apply_fn=apply_fn,
-    tx=tx,
-    lr_fn=lr_fn,
-    schedule=diffusion.make_noise_schedule(sched),
-    objective=config.objective,
-    beta=float(config.beta),
-    prediction_type=sched.get("prediction_type", "epsilon"),
-    num_train_timesteps=int(sched.get("num_train_timesteps", 1000)),
-    grad_accum=config.optim.grad_accum,
-    caption_dropout=float(config.data.caption_dropout),
-    uncond=uncond,
-    compute_param_dtype=(
-      None
-      if config.precision.compute_dtype == "float32"
-      else unet_lib.parse_dtype(config.precision.compute_dtype)
-    ),
   )
 
 
@@ -92,6 +54,47 @@ def _meta(config: ml_collections.ConfigDict, step: int, mesh) -> dict[str, Any]:
     "jax_version": jax.__version__,
     "time": time.time(),
   }
+
+
+def _models_data_and_initial_params(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  mesh: jax.sharding.Mesh,
+  tx,
+  lr_fn,
+  init_rng: jax.Array,
+) -> tuple[step_lib.StepSpec, sources.Data, Any, Any, Any]:
+  """Builds the models and the data; places the initial policy on the mesh.
+
+  Returns:
+    (step spec, data, abstract train state, train-state shardings, initial
+    params sharded as `shardings.params`).
+
+  The `Models` object, and with it `models.pretrained_params` (a full host copy
+  of the UNet weights, GBs for SDXL), is a local of this function only: once
+  the weights are on the mesh and it returns, the trainer keeps no reference
+  to the host copy for the rest of the run. (The pickapic source's encoder
+  still holds `models.pipeline`, whose `unet_params` is that same tree.)
+  """
+  models = build_lib.build_models(config)
+  data = sources.make_data(config, models, workdir)
+  spec = build_step_spec(
+    config,
+    unet_lib.make_unet_apply(models.unet),
+    tx,
+    lr_fn,
+    data.uncond,
+    models.scheduler_config,
+  )
+  rules = [tuple(r) for r in config.sharding_rules]
+  abstract_params = jax.eval_shape(models.init_params, init_rng)
+  abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), abstract_params)
+  state_sh = sharding.tree_shardings(abstract_state, mesh, rules, config.fsdp_min_size)
+  if models.pretrained_params is not None:
+    init_params = jax.device_put(models.pretrained_params, state_sh.params)
+  else:
+    init_params = jax.jit(models.init_params, out_shardings=state_sh.params)(init_rng)
+  return spec, data, abstract_state, state_sh, init_params
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -116,19 +119,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info(
     "Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size, jax.process_count()
   )
-  rules = [tuple(r) for r in config.sharding_rules]
 
-  models = build_lib.build_models(config)
-  apply_fn = unet_lib.make_unet_apply(models.unet)
   tx, lr_fn = optim.make_optimizer(config.optim, config.max_steps)
-  data = sources.make_data(config, models, workdir)
-  spec = build_step_spec(config, apply_fn, tx, lr_fn, data.uncond, models.scheduler_config)
-
   init_rng, _, _ = split_rngs(config.seed)
-
-  abstract_params = jax.eval_shape(models.init_params, init_rng)
-  abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), abstract_params)
-  state_sh = sharding.tree_shardings(abstract_state, mesh, rules, config.fsdp_min_size)
+  spec, data, abstract_state, state_sh, init_params = _models_data_and_initial_params(
+    config, workdir, mesh, tx, lr_fn, init_rng
+  )
   param_sh = state_sh.params
   repl = sharding.replicated(mesh)
   batch_sh = sharding.batch_sharding(mesh)
@@ -137,10 +133,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _, train_rng, eval_rng = jax.jit(lambda: split_rngs(config.seed), out_shardings=repl)()
 
   ref_dtype = unet_lib.parse_dtype(config.precision.ref_dtype)
-  if models.pretrained_params is not None:
-    init_params = jax.device_put(models.pretrained_params, param_sh)
-  else:
-    init_params = jax.jit(models.init_params, out_shardings=param_sh)(init_rng)
   # The reference is the initial policy, optionally stored in bf16 (it only
   # runs forward passes). A separate buffer, so donating the state never
   # touches it.
@@ -200,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # read, and the cost analysis gives the step's FLOPs for MFU.
   train_step = step_lib.jit_train_step(spec, state_sh, param_sh, batch_sh, repl)
   compiled = train_step.lower(state, ref_params, batch_abstract, train_rng).compile()
-  flops = _flops(compiled)
+  flops = compiled_flops(compiled)
   logging.info("Compiled train step: %.3g FLOPs/step.", flops)
   eval_fn = step_lib.jit_eval_step(spec, param_sh, param_sh, batch_sh, repl)
   eval_global = to_step_batch(
@@ -272,16 +264,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     "history": history,
     "flops_per_step": flops,
   }
-
-
-def _flops(compiled) -> float:
-  try:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):
-      cost = cost[0]
-    return float(cost.get("flops", float("nan")))
-  except Exception:  # noqa: BLE001 - cost analysis is best-effort on some backends.
-    return float("nan")
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

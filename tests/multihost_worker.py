@@ -39,9 +39,9 @@ def main() -> None:
     return
   workdir, steps = sys.argv[3], int(sys.argv[4])
   from dpo_jax import trainer
-  from tests.test_train import make_config
+  from tests.fixtures import make_train_config
 
-  config = make_config(max_steps=steps, **{"mesh.data": 2, "mesh.fsdp": 4})
+  config = make_train_config(max_steps=steps, **{"mesh.data": 2, "mesh.fsdp": 4})
   result = trainer.train_and_evaluate(config, workdir)
   assert jax.process_count() == 2 and jax.device_count() == 8
   print("LOSSES", [h["loss"] for h in result["history"]], flush=True)

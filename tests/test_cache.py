@@ -13,7 +13,7 @@ from dpo_jax import trainer
 from dpo_jax.data import cache, encode, pickapic, pipeline
 from dpo_jax.models import build as build_lib
 from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline
-from tests.test_pickapic import _good_rows, _write
+from tests.fixtures import good_rows, write_parquet
 from tests.test_pretrained_train import config_for
 
 
@@ -23,7 +23,7 @@ def world(tmp_path_factory):
   pipe = make_tiny_pipeline("sd15", str(root / "pipe"), seed=0)
   parquet = root / "parquet"
   parquet.mkdir()
-  _write(str(parquet / "train-00000-of-00001.parquet"), _good_rows(20)[0])
+  write_parquet(str(parquet / "train-00000-of-00001.parquet"), good_rows(20)[0])
   config = config_for("sd15", pipe, str(parquet))
   config.data.random_crop = False
   config.data.flip = "none"
@@ -84,7 +84,7 @@ def test_cache_and_raw_images_give_the_same_loss(world):
   from dpo_jax.models import unet as unet_lib
 
   tx, lr_fn = optim.make_optimizer(config.optim, 10)
-  spec = trainer.build_step_spec(
+  spec = step_lib.build_step_spec(
     config, unet_lib.make_unet_apply(unet_apply), tx, lr_fn, None, models.scheduler_config
   )
   spec = step_lib.StepSpec(**{**spec.__dict__, "caption_dropout": 0.0})

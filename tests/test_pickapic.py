@@ -7,87 +7,43 @@ pixels. Bad rows cover every skip reason the brief names.
 
 from __future__ import annotations
 
-import datetime
-import io
 import json
 import os
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image, ImageFile
 
 from dpo_jax.data import decode, pickapic, pipeline
+from tests.fixtures import (
+  BLUE,
+  RED,
+  encode_image,
+  good_rows,
+  jpeg,
+  pickapic_row,
+  run_two_processes,
+  write_parquet,
+)
 
-RED, BLUE = (230, 20, 20), (20, 20, 230)
 RES = 16
 GLOBAL_BATCH = 6  # 20 clean rows -> 3 batches per epoch, 2 rows left over.
 
-
-def _encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
-  buf = io.BytesIO()
-  img.save(buf, fmt, quality=95) if fmt == "JPEG" else img.save(buf, fmt)
-  return buf.getvalue()
-
-
-def _jpeg(color, w=24, h=20) -> bytes:
-  return _encode(Image.new("RGB", (w, h), color))
+# tests/test_pretrained_train.py still imports these two from here.
 
 
 def _bomb_jpeg() -> bytes:
   """A few hundred bytes whose header declares 30000 x 30000 pixels."""
-  data = bytearray(_jpeg(RED, 8, 8))
+  data = bytearray(jpeg(RED, 8, 8))
   sof = data.index(b"\xff\xc0")
   data[sof + 5 : sof + 9] = (30000).to_bytes(2, "big") * 2  # Height, width.
   return bytes(data)
 
 
-def _row(rid, caption, jpg_0, jpg_1, label_0, label_1):
-  return dict(
-    caption=caption,
-    jpg_0=jpg_0,
-    jpg_1=jpg_1,
-    label_0=label_0,
-    label_1=label_1,
-    model_0="sd15",
-    model_1="sdxl",
-    image_0_uid=f"u{rid}a",
-    image_1_uid=f"u{rid}b",
-    best_image_uid=None,
-    ranking_id=rid,
-    user_id=7,
-    has_label=True,
-    are_different=jpg_0 != jpg_1,
-    created_at=datetime.datetime(2023, 5, 1, 12, 0, rid % 60),
-  )
-
-
-def _good_rows(n: int, first_id: int = 1000):
-  """-> (rows, {id: winner (h, w)}). Winner alternates between jpg_0 and jpg_1."""
-  rows, sizes = [], {}
-  for i in range(n):
-    w, h = 24 + 8 * (i % 3), 20 + 4 * (i % 4)
-    win, lose = _jpeg(RED, w, h), _jpeg(BLUE, w, h)
-    if i == 3:  # CMYK JPEG winner.
-      win = _encode(Image.new("RGB", (w, h), RED).convert("CMYK"))
-    if i == 4:  # Palette PNG loser.
-      lose = _encode(Image.new("RGB", (w, h), BLUE).convert("P"), "PNG")
-    if i == 5:  # Grey + alpha PNG loser.
-      lose = _encode(Image.new("LA", (w, h), (60, 255)), "PNG")
-    if i == 6:  # Opaque RGBA PNG loser of another size.
-      lose = _encode(Image.new("RGBA", (w + 10, h + 6), BLUE + (255,)), "PNG")
-    rid = first_id + i
-    sizes[rid] = (h, w)
-    pair = (win, lose, 1.0, 0.0) if i % 2 == 0 else (lose, win, 0.0, 1.0)
-    rows.append(_row(rid, f"a red thing number {i}", *pair))
-  return rows, sizes
-
-
 def _bad_rows():
   """-> (rows, {id: reason})."""
-  r, b = _jpeg(RED), _jpeg(BLUE)
+  r, b = jpeg(RED), jpeg(BLUE)
   cases = [
     ("tie", dict(label_0=0.5, label_1=0.5)),
     ("tie", dict(label_0=0.5, label_1=0.5)),
@@ -105,33 +61,25 @@ def _bad_rows():
   rows, reasons = [], {}
   for k, (reason, change) in enumerate(cases):
     rid = 2000 + k
-    row = _row(rid, "a bad row", r, b, 1.0, 0.0)
+    row = pickapic_row(rid, "a bad row", r, b, 1.0, 0.0)
     row.update(change)
     rows.append(row)
     reasons[rid] = reason
   return rows, reasons
 
 
-def _write(path: str, rows, drop: tuple[str, ...] = (), rename: dict | None = None) -> None:
-  table = pa.Table.from_pylist(rows)
-  table = table.drop_columns(list(drop))
-  if rename:
-    table = table.rename_columns([rename.get(c, c) for c in table.column_names])
-  pq.write_table(table, path)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   """Two train shards (20 clean + 12 bad rows, interleaved) and a validation shard."""
   root = tmp_path_factory.mktemp("pickapic")
-  good, sizes = _good_rows(20)
+  good, sizes = good_rows(20)
   bad, reasons = _bad_rows()
   rows = [x for pair in zip(good, bad + [None] * 8) for x in pair if x is not None]
   pq_dir = root / "parquet"
   pq_dir.mkdir()
-  _write(str(pq_dir / "train-00000-of-00002.parquet"), rows[:16])
-  _write(str(pq_dir / "train-00001-of-00002.parquet"), rows[16:])
-  _write(str(pq_dir / "validation_unique-00000-of-00001.parquet"), _good_rows(3, 5000)[0])
+  write_parquet(str(pq_dir / "train-00000-of-00002.parquet"), rows[:16])
+  write_parquet(str(pq_dir / "train-00001-of-00002.parquet"), rows[16:])
+  write_parquet(str(pq_dir / "validation_unique-00000-of-00001.parquet"), good_rows(3, 5000)[0])
   builder = pickapic.build_pickapic(
     str(pq_dir), str(root / "tfds"), max_skip_rate=0.5, num_workers=2
   )
@@ -177,7 +125,7 @@ def test_data_report_counts(world):
 
 
 def test_missing_column_names_column_and_file(tmp_path):
-  _write(str(tmp_path / "train-00000-of-00001.parquet"), _good_rows(2)[0], drop=("label_1",))
+  write_parquet(str(tmp_path / "train-00000-of-00001.parquet"), good_rows(2)[0], drop=("label_1",))
   with pytest.raises(pickapic.MissingColumnError, match=r"'label_1'.*train-00000-of-00001"):
     pickapic.build_pickapic(str(tmp_path), str(tmp_path / "tfds"))
 
@@ -185,7 +133,7 @@ def test_missing_column_names_column_and_file(tmp_path):
 def test_column_mapping_and_row_index_ids(tmp_path):
   pq_dir = tmp_path / "pq"
   pq_dir.mkdir()
-  _write(str(pq_dir / "shard.parquet"), _good_rows(4)[0], rename={"caption": "prompt"})
+  write_parquet(str(pq_dir / "shard.parquet"), good_rows(4)[0], rename={"caption": "prompt"})
   columns = dict(pickapic.PICKAPIC_COLUMNS, caption="prompt", example_id=None)
   builder = pickapic.build_pickapic(
     str(pq_dir), str(tmp_path / "tfds"), columns=columns, extra_columns={}
@@ -341,7 +289,7 @@ def test_flip_policies():
   # Left half red, right half blue: a flip swaps which side is red.
   img = Image.new("RGB", (RES, RES), RED)
   img.paste(BLUE, (RES // 2, 0, RES, RES))
-  data = _encode(img, "PNG")
+  data = encode_image(img, "PNG")
 
   def flips(policy, seed):
     out = pipeline.preprocess_pair(data, data, np.random.default_rng(seed), RES, flip=policy)
@@ -354,7 +302,7 @@ def test_flip_policies():
 
 
 def test_preprocess_sizes_and_loser_resized_to_winner():
-  win, lose = _jpeg(RED, w=40, h=20), _jpeg(BLUE, w=30, h=30)
+  win, lose = jpeg(RED, w=40, h=20), jpeg(BLUE, w=30, h=30)
   out = pipeline.preprocess_pair(win, lose, np.random.default_rng(0), 10, random_crop=False)
   assert out["pixels_w"].shape == out["pixels_l"].shape == (10, 10, 3)
   assert tuple(out["original_size"]) == (20, 40)
@@ -364,7 +312,7 @@ def test_preprocess_sizes_and_loser_resized_to_winner():
 def test_jpeg_draft_keeps_original_size_and_content():
   rng = np.random.default_rng(0)
   smooth = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((64, 48))
-  data = _encode(smooth)
+  data = encode_image(smooth)
   fast, slow = (
     pipeline.preprocess_pair(data, data, np.random.default_rng(1), RES, jpeg_draft=d)
     for d in (True, False)
@@ -380,34 +328,14 @@ def test_decode_refuses_bombs_and_truncation_switch(monkeypatch):
   assert e.value.reason == "oversized_image"
   monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
   with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
-    decode.decode_rgb(_jpeg(RED))
+    decode.decode_rgb(jpeg(RED))
 
 
 def test_two_real_processes_split_each_global_batch(world):
   """jax.distributed with 2 processes x 4 CPU devices: disjoint halves of each global batch."""
-  import json
-  import subprocess
-  import sys
-
-  import portpicker
-
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  port = str(portpicker.pick_unused_port())
-  worker = os.path.join(repo, "tests", "multihost_worker.py")
-  args = ["pickapic", os.fspath(world["data_dir"]), str(GLOBAL_BATCH), "3"]
-  env = dict(os.environ, PYTHONPATH=repo)
-  procs = [
-    subprocess.Popen(
-      [sys.executable, worker, str(i), port, *args],
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+  outs = run_two_processes(
+    "pickapic", os.fspath(world["data_dir"]), str(GLOBAL_BATCH), "3", timeout=300
+  )
   got = {}
   for out in outs:
     line = next(ln for ln in out.splitlines() if ln.startswith("IDS "))

@@ -9,7 +9,7 @@ import pytest
 
 from dpo_jax import trainer
 from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline
-from tests.test_pickapic import _good_rows, _write
+from tests.fixtures import good_rows, write_parquet
 
 
 def config_for(kind, pipeline_dir, parquet_dir, **extra):
@@ -45,8 +45,8 @@ def test_dpo_steps_on_tiny_pipeline(kind, tmp_path):
   pipe = make_tiny_pipeline(kind, str(tmp_path / "pipe"), seed=0)
   parquet = tmp_path / "parquet"
   parquet.mkdir()
-  rows, _ = _good_rows(20)
-  _write(str(parquet / "train-00000-of-00001.parquet"), rows)
+  rows, _ = good_rows(20)
+  write_parquet(str(parquet / "train-00000-of-00001.parquet"), rows)
   workdir = str(tmp_path / "run")
 
   result = trainer.train_and_evaluate(config_for(kind, pipe, str(parquet)), workdir)

@@ -12,7 +12,7 @@ from dpo_jax import diffusion, optim
 from dpo_jax import step as step_lib
 from dpo_jax.data import synthetic
 from dpo_jax.models import unet as unet_lib
-from dpo_jax.trainer import build_step_spec
+from dpo_jax.step import build_step_spec
 
 
 def _one_level_config():

@@ -11,45 +11,22 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import portpicker
 import pytest
 
 from dpo_jax import trainer
 from dpo_jax.models import unet as unet_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Small enough to compile in seconds, big enough to shard: 48 examples / 8 per
-# batch = 6 batches per epoch, so an 8-step run crosses an epoch boundary.
-OVERRIDES = {
-  "model.sample_size": 8,
-  "max_steps": 8,
-  "checkpoint_every": 2,
-  "keep_checkpoints": 3,
-  "data.num_examples": 48,
-  "data.eval_batch_size": 8,
-  "fsdp_min_size": 0,
-}
-
-
-def make_config(**extra):
-  from configs import tiny
-
-  c = tiny.get_config()
-  c.unlock()
-  for key, value in {**OVERRIDES, **extra}.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+from tests.fixtures import REPO, TRAIN_OVERRIDES, make_train_config, run_two_processes
 
 
 def cli(workdir, devices, **extra):
-  """Command line and environment for a `python -m dpo_jax.train` subprocess."""
-  args = [sys.executable, "-m", "dpo_jax.train", f"--workdir={workdir}"]
-  args += [f"--config.{k}={v}" for k, v in {**OVERRIDES, **extra}.items()]
+  """Command line and environment for a `python -m dpo_jax.train` subprocess.
+
+  The config file is explicit (`make_train_config`'s configs/tiny.py), not the
+  entry point's default.
+  """
+  config = os.path.join(REPO, "configs", "tiny.py")
+  args = [sys.executable, "-m", "dpo_jax.train", f"--config={config}", f"--workdir={workdir}"]
+  args += [f"--config.{k}={v}" for k, v in {**TRAIN_OVERRIDES, **extra}.items()]
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
@@ -107,7 +84,7 @@ def assert_same_updates(a, b, theta0):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  result = trainer.train_and_evaluate(make_config(), workdir)
+  result = trainer.train_and_evaluate(make_train_config(), workdir)
   return workdir, result
 
 
@@ -139,14 +116,16 @@ def test_run_writes_checkpoints_tensorboard_and_jsonl(uninterrupted):
 
 def test_rerunning_a_finished_run_trains_nothing(uninterrupted):
   workdir, _ = uninterrupted
-  result = trainer.train_and_evaluate(make_config(), workdir)
+  result = trainer.train_and_evaluate(make_train_config(), workdir)
   assert result["history"] == [] and int(result["state"].step) == 8
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6", "8"]
 
 
 def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
   sharded = str(tmp_path / "fsdp")
-  trainer.train_and_evaluate(make_config(max_steps=5, **{"mesh.data": 2, "mesh.fsdp": 4}), sharded)
+  trainer.train_and_evaluate(
+    make_train_config(max_steps=5, **{"mesh.data": 2, "mesh.fsdp": 4}), sharded
+  )
   one = str(tmp_path / "one")
   # A relative --workdir, as users type it, resolved against the cwd.
   args, env = cli("one", devices=1, max_steps=5, **{"mesh.data": 1, "mesh.fsdp": 1})
@@ -157,29 +136,14 @@ def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
   for s in l1:
     np.testing.assert_allclose(l8[s]["train/loss"], l1[s]["train/loss"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(l8[s]["train/grad_norm"], l1[s]["train/grad_norm"], rtol=1e-3)
-  theta0 = initial_params(make_config())
+  theta0 = initial_params(make_train_config())
   assert_same_updates(load_params(sharded, 5), load_params(one, 5), theta0)
 
   # Two processes x 4 devices (gloo collectives), same global mesh and batch:
   # the assembled global batches are identical, so the run agrees up to the
   # reduction order of cross-process collectives.
   multi = str(tmp_path / "multihost")
-  port = str(portpicker.pick_unused_port())
-  env = dict(os.environ, PYTHONPATH=REPO)
-  worker = os.path.join(REPO, "tests", "multihost_worker.py")
-  procs = [
-    subprocess.Popen(
-      [sys.executable, worker, str(i), port, multi, "5"],
-      env=env,
-      cwd=REPO,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outs = [p.communicate(timeout=600)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  run_two_processes(multi, "5", timeout=600)
   lm = read_jsonl(multi)  # Written by process 0 only.
   assert sorted(lm) == [1, 2, 3, 4, 5]
   for s in lm:
@@ -204,7 +168,7 @@ def test_killed_run_resumes_to_identical_result(uninterrupted, tmp_path):
   proc.wait()
   assert not os.path.exists(os.path.join(ckpt, "8")), "killed too late to test resuming"
 
-  result = trainer.train_and_evaluate(make_config(), workdir)
+  result = trainer.train_and_evaluate(make_train_config(), workdir)
   assert int(result["state"].step) == 8
   resumed_from = min(h["step"] for h in result["history"]) - 1
   assert resumed_from >= 4
@@ -235,7 +199,7 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_p
   os.makedirs(os.path.join(workdir, "checkpoints", "10.orbax-checkpoint-tmp-1234", "state"))
 
   with caplog.at_level(logging.WARNING):
-    result = trainer.train_and_evaluate(make_config(), workdir)
+    result = trainer.train_and_evaluate(make_train_config(), workdir)
   assert any("step 8" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
   assert [h["step"] for h in result["history"]] == [7, 8]
   # The broken step was moved aside, not deleted.

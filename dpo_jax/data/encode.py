@@ -28,7 +28,9 @@ HOST_ONLY_KEYS = ("example_id", "caption")
 
 def frozen_params(pipeline: Pipeline) -> dict[str, Any]:
   """The encoder parameters the encode stage needs (not the UNet's)."""
-  out = {"vae": pipeline.vae_params, "text_encoder": pipeline.text_encoder_params}
+  out = {"text_encoder": pipeline.text_encoder_params}
+  if pipeline.vae is not None:
+    out["vae"] = pipeline.vae_params
   if pipeline.kind == "sdxl":
     out["text_encoder_2"] = pipeline.text_encoder_2_params
   return out
@@ -70,11 +72,14 @@ def encode_batch(
 
   Latents are the VAE posterior *mean* (deterministic), so training on raw
   images and on a latent cache sees identical inputs; the SD VAEs' posterior
-  std is ~1e-3 of the latent scale, so this drops no meaningful noise.
+  std is ~1e-3 of the latent scale, so this drops no meaningful noise. A
+  pixel-space pipeline (no VAE) trains on the images themselves, NCHW in [-1, 1].
   """
 
   def latents(pixels):
     nchw = jnp.transpose(pixels, (0, 3, 1, 2))
+    if pipeline.vae is None:
+      return nchw
     return conditioning.vae_encode(pipeline.vae, params["vae"], nchw, pipeline.vae_scaling_factor)
 
   context, pooled = encode_text(pipeline, params, raw["input_ids"])

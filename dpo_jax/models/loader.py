@@ -128,12 +128,14 @@ class Pipeline:
   Attributes:
     kind: "sd15" (one text encoder; SD 1.x / 2.x structure) or "sdxl".
     unet: FlaxUNet2DConditionModel; apply with `{"params": unet_params}`.
-    vae: FlaxAutoencoderKL.
+    vae: FlaxAutoencoderKL, or None for a pixel-space pipeline (`model_index.json`
+      lists `"vae": [null, null]`; the UNet then works on images in [-1, 1]).
     text_encoder: Flax CLIP text module (linen), CLIP ViT-L for SD1.5 / SDXL.
     tokenizer: transformers CLIPTokenizer of `text_encoder`.
     scheduler_config: `scheduler/scheduler_config.json` without "_" keys,
       always with "prediction_type"; feeds `diffusion.make_noise_schedule`.
-    vae_scaling_factor: latents = VAE mean/sample * this (0.18215 / 0.13025).
+    vae_scaling_factor: latents = VAE mean/sample * this (0.18215 / 0.13025;
+      1.0 without a VAE).
     text_encoder_2, tokenizer_2: SDXL's OpenCLIP bigG with projection, else None.
     path: the folder it came from.
   """
@@ -141,8 +143,8 @@ class Pipeline:
   kind: str
   unet: FlaxUNet2DConditionModel
   unet_params: Params
-  vae: FlaxAutoencoderKL
-  vae_params: Params
+  vae: FlaxAutoencoderKL | None
+  vae_params: Params | None
   text_encoder: Any
   text_encoder_params: Params
   tokenizer: Any
@@ -472,13 +474,29 @@ def detect_kind(path: str) -> str:
     for k, v in index.items()
     if not k.startswith("_") and isinstance(v, list) and v[0] is not None
   }
-  missing = {"unet", "vae", "scheduler"} - present
+  missing = {"unet", "scheduler"} - present
   if missing:
     raise ValueError(f"{path}/model_index.json lacks components {sorted(missing)}.")
   if "text_encoder" not in present:
     # SDXL refiner: only the bigG encoder and 5 time ids.
     raise ValueError(f"{path}: pipelines without `text_encoder` (e.g. SDXL refiner) unsupported.")
   return "sdxl" if "text_encoder_2" in present else "sd15"
+
+
+def has_vae(path: str) -> bool:
+  """Whether the pipeline at `path` has a VAE (False: a pixel-space pipeline).
+
+  A pixel-space pipeline says so explicitly with `"vae": [null, null]` in
+  `model_index.json`; a missing entry is an error, not a silent pixel model.
+  """
+  index = _read_json(os.path.join(path, "model_index.json"))
+  if "vae" not in index:
+    raise ValueError(
+      f"{path}/model_index.json has no 'vae' entry; expected a VAE component, or "
+      '"vae": [null, null] for a pixel-space pipeline.'
+    )
+  entry = index["vae"]
+  return isinstance(entry, list) and entry[0] is not None
 
 
 def load_pipeline(
@@ -503,7 +521,9 @@ def load_pipeline(
   kind = detect_kind(path)
   kw = {"variant": variant, "param_dtype": param_dtype, "dtype": dtype}
   unet, unet_params = load_unet(os.path.join(path, "unet"), **kw)
-  vae, vae_params = load_vae(os.path.join(path, "vae"), **kw)
+  vae, vae_params = None, None
+  if has_vae(path):
+    vae, vae_params = load_vae(os.path.join(path, "vae"), **kw)
   text_encoder, text_encoder_params = load_text_encoder(os.path.join(path, "text_encoder"), **kw)
   extra = {}
   if kind == "sdxl":
@@ -525,7 +545,7 @@ def load_pipeline(
     text_encoder_params=text_encoder_params,
     tokenizer=load_tokenizer(os.path.join(path, "tokenizer")),
     scheduler_config=load_scheduler_config(os.path.join(path, "scheduler")),
-    vae_scaling_factor=float(vae.config.scaling_factor),
+    vae_scaling_factor=float(vae.config.scaling_factor) if vae is not None else 1.0,
     path=path,
     **extra,
   )

@@ -64,32 +64,34 @@ _CORPUS = (
 _NUM_MERGES = 96
 
 
+# Both kinds' UNets: 16 x 16 x 4 latents, two levels instead of four.
+_UNET_COMMON = {
+  "sample_size": 16,
+  "in_channels": 4,
+  "out_channels": 4,
+  "block_out_channels": (32, 64),
+  "layers_per_block": 1,
+}
+
+
 def unet_config(kind: str) -> dict[str, Any]:
   """UNet constructor kwargs, valid for both the PyTorch and the Flax class."""
   if kind == "sd15":
     return {
-      "sample_size": 16,
-      "in_channels": 4,
-      "out_channels": 4,
-      # SD1.5 order (attention at the highest resolution), two levels instead of four.
+      **_UNET_COMMON,
+      # SD1.5 order (attention at the highest resolution).
       "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
       "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-      "block_out_channels": (32, 64),
-      "layers_per_block": 1,
       # SD1.5's config quirk: `attention_head_dim` is really the number of heads.
       "attention_head_dim": 4,
       "cross_attention_dim": 32,
     }
   if kind == "sdxl":
     return {
-      "sample_size": 16,
-      "in_channels": 4,
-      "out_channels": 4,
+      **_UNET_COMMON,
       # SDXL order: no attention at the highest resolution.
       "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
       "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-      "block_out_channels": (32, 64),
-      "layers_per_block": 1,
       "attention_head_dim": (2, 4),
       # >1 transformer layer per block (SDXL has up to 10) and linear projections.
       "transformer_layers_per_block": (1, 2),
@@ -190,13 +192,14 @@ def _train_bpe(text: str, num_merges: int) -> list[tuple[str, str]]:
   return merges
 
 
-def write_tokenizer(directory: str, pad_token: str = "<|endoftext|>"):
+def write_tokenizer(directory: str, pad_token: str = "<|endoftext|>", max_length: int = 77):
   """Writes a tiny CLIP BPE tokenizer (vocab.json, merges.txt, configs) and returns it.
 
   Args:
     directory: output folder (created).
     pad_token: `<|endoftext|>` for SD1.5 / SDXL `tokenizer`, `!` for SDXL's
       `tokenizer_2` (OpenCLIP pads with id 0), as in the real checkpoints.
+    max_length: `model_max_length`, the padded prompt length (77 in SD).
 
   Returns:
     The `transformers.CLIPTokenizer` read back from `directory`.
@@ -220,7 +223,9 @@ def write_tokenizer(directory: str, pad_token: str = "<|endoftext|>"):
     json.dump(vocab, f, ensure_ascii=False)
   with open(merges_file, "w", encoding="utf-8") as f:
     f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-  tokenizer = CLIPTokenizer(vocab_file, merges_file, pad_token=pad_token, model_max_length=77)
+  tokenizer = CLIPTokenizer(
+    vocab_file, merges_file, pad_token=pad_token, model_max_length=max_length
+  )
   tokenizer.save_pretrained(directory)  # tokenizer_config.json, special_tokens_map.json
   return CLIPTokenizer.from_pretrained(directory)
 

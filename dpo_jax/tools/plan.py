@@ -43,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dpo_jax import optim, sharding, trainer  # noqa: E402
+from dpo_jax import optim, sharding  # noqa: E402
 from dpo_jax import step as step_lib  # noqa: E402
 from dpo_jax.models import architectures  # noqa: E402
 from dpo_jax.models import unet as unet_lib  # noqa: E402
@@ -76,11 +76,10 @@ def plan(config: ml_collections.ConfigDict, kind: str, data: int, fsdp: int) -> 
   uncond = {"context": np.zeros((tokens, ctx_dim), np.float32)}
   if pooled:
     uncond["text_embeds"] = np.zeros((pooled,), np.float32)
-  spec = trainer.build_step_spec(c, unet_lib.make_unet_apply(unet), tx, lr_fn, uncond)
+  spec = step_lib.build_step_spec(c, unet_lib.make_unet_apply(unet), tx, lr_fn, uncond)
   rules = [tuple(r) for r in c.sharding_rules]
 
   abstract_params = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
-  abstract_params = jax.tree.map(lambda x: x, dict(abstract_params))
   abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), abstract_params)
   state_sh = sharding.tree_shardings(abstract_state, mesh, rules, c.fsdp_min_size)
   ref_dtype = unet_lib.parse_dtype(c.precision.ref_dtype)
@@ -104,7 +103,7 @@ def plan(config: ml_collections.ConfigDict, kind: str, data: int, fsdp: int) -> 
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  flops_device = trainer._flops(compiled)
+  flops_device = step_lib.compiled_flops(compiled)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
   return {
     "kind": kind,

@@ -1,0 +1,26 @@
+"""Logging set-up shared by the command-line entry points."""
+
+from __future__ import annotations
+
+import logging as std_logging
+
+from absl import logging
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops INFO chatter from orbax (dozens of lines per save); keeps warnings."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def quiet_libraries() -> None:
+  """Filters orbax INFO lines and diffusers' per-module deprecation warnings.
+
+  diffusers 0.39 warns "Flax classes are deprecated" on every module init; the
+  Flax classes are exactly what this project pins the version for.
+  """
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from diffusers.utils import logging as diffusers_logging
+
+  diffusers_logging.set_verbosity_error()

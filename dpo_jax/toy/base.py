@@ -1,0 +1,231 @@
+"""The toy world's base text-to-image model, pretrained here and saved as a diffusers folder.
+
+Model (a justified pixel-space choice): at 16 x 16 x 3 a VAE would buy nothing
+but reconstruction error, so the UNet denoises the images themselves and the
+pipeline folder says so with `"vae": [null, null]` in `model_index.json`;
+`models.loader` and the data/sampling code treat such a folder as pixel space.
+  - UNet: diffusers `FlaxUNet2DConditionModel`, blocks (32, 64), one layer per
+    block, cross-attention only at 8 x 8 (~1 M parameters).
+  - Text encoder: a 2-layer, 32-wide CLIP text transformer with a real CLIP BPE
+    tokenizer (16 tokens), trained jointly with the UNet, since there is no
+    pretrained one to download.
+  - Schedule: cosine (`squaredcos_cap_v2`) with v-prediction. With
+    epsilon-prediction the cosine schedule's near-zero alpha-bar at high noise
+    amplifies errors by > 1e4 and the samples get colour-cast backgrounds.
+
+Pretraining is plain SFT (noise-prediction MSE) on freshly rendered images of
+the training prompts with deliberately imperfect captions: `corrupt_frac` of
+them lie about the colour or the position, `drop_frac` are empty (for
+classifier-free guidance). The result is a base that usually draws the right
+thing but often not: what preference tuning should fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dpo_jax import diffusion
+from dpo_jax.models import conditioning
+from dpo_jax.models import unet as unet_lib
+from dpo_jax.tools import make_tiny_pipeline
+from dpo_jax.toy import world
+
+Params = dict[str, Any]
+
+IMAGE_SIZE = 16
+MAX_TOKENS = 16  # "a yellow triangle at the bottom right" is < 16 BPE tokens with BOS/EOS.
+
+UNET_CONFIG: dict[str, Any] = {
+  "sample_size": IMAGE_SIZE,
+  "in_channels": 3,
+  "out_channels": 3,
+  "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+  "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+  "block_out_channels": (32, 64),
+  "layers_per_block": 1,
+  "attention_head_dim": 4,
+  "cross_attention_dim": 32,
+}
+
+SCHEDULER_CONFIG: dict[str, Any] = {
+  "num_train_timesteps": 1000,
+  "beta_schedule": "squaredcos_cap_v2",
+  "prediction_type": "v_prediction",
+  "clip_sample": False,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseSettings:
+  """How the base model is pretrained (all of it feeds the cache key)."""
+
+  steps: int = 1000
+  batch_size: int = 32
+  lr: float = 1e-3
+  corrupt_frac: float = 0.3
+  drop_frac: float = 0.1
+  num_heldout: int = 8
+  seed: int = 0
+
+
+def text_encoder_config(vocab_size: int) -> dict[str, Any]:
+  """The toy CLIP text encoder: SD1.5's tiny encoder with 16 positions."""
+  cfg = make_tiny_pipeline.text_encoder_config("sd15", 1, vocab_size)
+  cfg["max_position_embeddings"] = MAX_TOKENS
+  return cfg
+
+
+def sample_captions(
+  specs: Sequence[world.PromptSpec], rng: np.random.Generator, corrupt_frac: float, drop_frac: float
+) -> list[str]:
+  """Training captions for images of `specs`: some dropped (""), some corrupted."""
+  out = []
+  for spec in specs:
+    u = rng.random()
+    if u < drop_frac:
+      out.append("")
+    elif u < drop_frac + corrupt_frac:
+      out.append(world.corrupt_caption(spec, rng).text)
+    else:
+      out.append(spec.text)
+  return out
+
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+  """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1] (the UNet's x0)."""
+  x = images.astype(np.float32) / 127.5 - 1.0
+  return np.transpose(x, (0, 3, 1, 2))
+
+
+def base_loss(
+  params: Params,
+  x0: jax.Array,
+  input_ids: jax.Array,
+  rng: jax.Array,
+  *,
+  unet: Any,
+  text_encoder: Any,
+  schedule: Any,
+) -> jax.Array:
+  """Mean v-prediction MSE of UNet + text encoder (both trained) on one batch."""
+  context = conditioning.encode_prompt_sd15(text_encoder, params["text_encoder"], input_ids)
+  noise, t = diffusion.sample_noise_and_timesteps(
+    rng, x0.shape, SCHEDULER_CONFIG["num_train_timesteps"]
+  )
+  xt = diffusion.q_sample(schedule, x0, noise, t)
+  target = diffusion.training_target(schedule, "v_prediction", x0, noise, t)
+  pred = unet_lib.make_unet_apply(unet)(params["unet"], xt, t, context)
+  return jnp.mean(diffusion.per_sample_mse(pred, target))
+
+
+def write_pipeline(
+  output: str, unet_params: Params, text_params: Params, vocab_size: int, extra: dict
+) -> None:
+  """Writes the diffusers folder (Flax msgpack weights; tokenizer written beforehand)."""
+  import diffusers
+  import transformers
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    unet = diffusers.FlaxUNet2DConditionModel(**UNET_CONFIG)
+    unet.save_pretrained(os.path.join(output, "unet"), params=jax.device_get(unet_params))
+    config = transformers.CLIPTextConfig(**text_encoder_config(vocab_size))
+    model = transformers.FlaxCLIPTextModel(config, _do_init=False)
+    model.save_pretrained(os.path.join(output, "text_encoder"), params=jax.device_get(text_params))
+  os.makedirs(os.path.join(output, "scheduler"), exist_ok=True)
+  with open(os.path.join(output, "scheduler", "scheduler_config.json"), "w") as f:
+    json.dump({"_class_name": "DDPMScheduler", **SCHEDULER_CONFIG}, f, indent=2)
+  index = {
+    "_class_name": "FlaxStableDiffusionPipeline",
+    "_diffusers_version": diffusers.__version__,
+    "unet": ["diffusers", "FlaxUNet2DConditionModel"],
+    "vae": [None, None],  # Pixel space.
+    "text_encoder": ["transformers", "FlaxCLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDPMScheduler"],
+  }
+  with open(os.path.join(output, "model_index.json"), "w") as f:
+    json.dump(index, f, indent=2)
+  with open(os.path.join(output, "toy_base.json"), "w") as f:
+    json.dump(extra, f, indent=2)
+
+
+def train_base(output: str, settings: BaseSettings = BaseSettings(), progress=None) -> str:
+  """Pretrains the toy base and writes it as a pipeline folder at `output`.
+
+  Args:
+    output: folder to write (created).
+    settings: schedule of the pretraining run.
+    progress: optional callable(step, loss) after each step (progress bar).
+
+  Returns:
+    `output`.
+  """
+  import transformers
+
+  tokenizer = make_tiny_pipeline.write_tokenizer(
+    os.path.join(output, "tokenizer"), max_length=MAX_TOKENS
+  )
+  train_specs, heldout = world.split_specs(settings.num_heldout, settings.seed)
+  captions = sorted({s.text for s in world.all_specs()} | {""})
+  ids_of = dict(zip(captions, conditioning.tokenize(tokenizer, captions)))
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    unet = unet_lib.unet_from_config(UNET_CONFIG, "float32")
+    config = transformers.CLIPTextConfig(**text_encoder_config(len(tokenizer)))
+    wrapper = transformers.FlaxCLIPTextModel(config, seed=settings.seed)
+  key = jax.random.PRNGKey(settings.seed)
+  key, init_key = jax.random.split(key)
+  params = {
+    "unet": unet_lib.init_unet_params(unet, init_key),
+    "text_encoder": jax.device_get(wrapper.params),
+  }
+  schedule = diffusion.make_noise_schedule(SCHEDULER_CONFIG)
+  tx = optax.adam(settings.lr)
+  opt_state = tx.init(params)
+
+  def loss_fn(p, x0, ids, rng):
+    return base_loss(p, x0, ids, rng, unet=unet, text_encoder=wrapper.module, schedule=schedule)
+
+  @jax.jit
+  def step(p, o, x0, ids, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(p, x0, ids, rng)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, loss
+
+  rng = np.random.default_rng(settings.seed)
+  losses = []
+  t0 = time.perf_counter()
+  for i in range(settings.steps):
+    specs = [train_specs[j] for j in rng.integers(len(train_specs), size=settings.batch_size)]
+    images = np.stack([world.render(s, rng, IMAGE_SIZE) for s in specs])
+    caps = sample_captions(specs, rng, settings.corrupt_frac, settings.drop_frac)
+    ids = np.stack([ids_of[c] for c in caps])
+    params, opt_state, loss = step(
+      params, opt_state, to_model_range(images), ids, jax.random.fold_in(key, i)
+    )
+    losses.append(loss)
+    if progress is not None:
+      progress(i + 1, loss)
+  losses = [float(x) for x in jax.device_get(losses)]
+  extra = {
+    "settings": dataclasses.asdict(settings),
+    "train_prompts": [s.text for s in train_specs],
+    "heldout_prompts": [s.text for s in heldout],
+    "final_loss_mean_last_50": float(np.mean(losses[-50:])),
+    "train_seconds": time.perf_counter() - t0,
+  }
+  write_pipeline(output, params["unet"], params["text_encoder"], len(tokenizer), extra)
+  return output

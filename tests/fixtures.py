@@ -1,0 +1,150 @@
+"""Helpers shared by several test modules (not a test module itself).
+
+- Pick-a-Pic-format parquet rows with real encoded images (`good_rows`,
+  `write_parquet`): winners are red, losers blue or grey.
+- The tiny training config of the end-to-end runs (`make_train_config`).
+- A launcher for 2-process jax.distributed runs of `tests/multihost_worker.py`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import os
+import subprocess
+import sys
+
+import portpicker
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MULTIHOST_WORKER = os.path.join(REPO, "tests", "multihost_worker.py")
+
+RED, BLUE = (230, 20, 20), (20, 20, 230)
+
+
+def encode_image(img: Image.Image, fmt: str = "JPEG") -> bytes:
+  buf = io.BytesIO()
+  img.save(buf, fmt, quality=95) if fmt == "JPEG" else img.save(buf, fmt)
+  return buf.getvalue()
+
+
+def jpeg(color, w=24, h=20) -> bytes:
+  return encode_image(Image.new("RGB", (w, h), color))
+
+
+def pickapic_row(rid, caption, jpg_0, jpg_1, label_0, label_1):
+  """One row with every Pick-a-Pic column."""
+  return dict(
+    caption=caption,
+    jpg_0=jpg_0,
+    jpg_1=jpg_1,
+    label_0=label_0,
+    label_1=label_1,
+    model_0="sd15",
+    model_1="sdxl",
+    image_0_uid=f"u{rid}a",
+    image_1_uid=f"u{rid}b",
+    best_image_uid=None,
+    ranking_id=rid,
+    user_id=7,
+    has_label=True,
+    are_different=jpg_0 != jpg_1,
+    created_at=datetime.datetime(2023, 5, 1, 12, 0, rid % 60),
+  )
+
+
+def good_rows(n: int, first_id: int = 1000):
+  """-> (rows, {id: winner (h, w)}). Winner alternates between jpg_0 and jpg_1."""
+  rows, sizes = [], {}
+  for i in range(n):
+    w, h = 24 + 8 * (i % 3), 20 + 4 * (i % 4)
+    win, lose = jpeg(RED, w, h), jpeg(BLUE, w, h)
+    if i == 3:  # CMYK JPEG winner.
+      win = encode_image(Image.new("RGB", (w, h), RED).convert("CMYK"))
+    if i == 4:  # Palette PNG loser.
+      lose = encode_image(Image.new("RGB", (w, h), BLUE).convert("P"), "PNG")
+    if i == 5:  # Grey + alpha PNG loser.
+      lose = encode_image(Image.new("LA", (w, h), (60, 255)), "PNG")
+    if i == 6:  # Opaque RGBA PNG loser of another size.
+      lose = encode_image(Image.new("RGBA", (w + 10, h + 6), BLUE + (255,)), "PNG")
+    rid = first_id + i
+    sizes[rid] = (h, w)
+    pair = (win, lose, 1.0, 0.0) if i % 2 == 0 else (lose, win, 0.0, 1.0)
+    rows.append(pickapic_row(rid, f"a red thing number {i}", *pair))
+  return rows, sizes
+
+
+def write_parquet(path: str, rows, drop: tuple[str, ...] = (), rename: dict | None = None) -> None:
+  table = pa.Table.from_pylist(rows)
+  table = table.drop_columns(list(drop))
+  if rename:
+    table = table.rename_columns([rename.get(c, c) for c in table.column_names])
+  pq.write_table(table, path)
+
+
+# Small enough to compile in seconds, big enough to shard: 48 examples / 8 per
+# batch = 6 batches per epoch, so an 8-step run crosses an epoch boundary.
+TRAIN_OVERRIDES = {
+  "model.sample_size": 8,
+  "max_steps": 8,
+  "checkpoint_every": 2,
+  "keep_checkpoints": 3,
+  "data.num_examples": 48,
+  "data.eval_batch_size": 8,
+  "fsdp_min_size": 0,
+}
+
+
+def make_train_config(**extra):
+  """configs/tiny.py with `TRAIN_OVERRIDES`, then `extra` (dotted keys)."""
+  from configs import tiny
+
+  c = tiny.get_config()
+  c.unlock()
+  for key, value in {**TRAIN_OVERRIDES, **extra}.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def run_two_processes(*worker_args: str, timeout: float) -> list[str]:
+  """Runs `tests/multihost_worker.py` as processes 0 and 1 of one jax.distributed job.
+
+  Each process owns 4 CPU devices; gloo provides the collectives (see the
+  worker). Fails the test unless both exit 0.
+
+  Args:
+    *worker_args: the worker's arguments after PID and PORT.
+    timeout: seconds to wait for each process.
+
+  Returns:
+    Each process's stdout and stderr, in process order.
+  """
+  port = str(portpicker.pick_unused_port())
+  env = dict(os.environ, PYTHONPATH=REPO)
+  procs = [
+    subprocess.Popen(
+      [sys.executable, MULTIHOST_WORKER, str(i), port, *worker_args],
+      env=env,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  try:
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  finally:
+    for p in procs:  # After a timeout: no process left waiting on its peer.
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  return outs
