@@ -48,21 +48,14 @@ from typing import Any
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
+from dpo_jax.models.architectures import SD15_UNET  # noqa: E402
+
 # A small stand-in with SD1.5's block structure, for CPU checks of this script.
 TINY_UNET: dict[str, Any] = {
+  **SD15_UNET,
   "sample_size": 16,
-  "in_channels": 4,
-  "out_channels": 4,
-  "down_block_types": (
-    "CrossAttnDownBlock2D",
-    "CrossAttnDownBlock2D",
-    "CrossAttnDownBlock2D",
-    "DownBlock2D",
-  ),
-  "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
   "block_out_channels": (32, 32, 64, 64),
   "layers_per_block": 1,
-  "attention_head_dim": 8,
   "cross_attention_dim": 32,
 }
 

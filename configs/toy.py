@@ -39,8 +39,9 @@ def toy_settings() -> ml_collections.ConfigDict:
   # Sampling (pairs and evaluation): DDIM steps and guidance.
   t.sample_steps = 20
   t.guidance_scale = 3.0
-  # Evaluation seeds per prompt (held-out prompts; train prompts get a quarter).
-  t.eval_seeds = 32
+  # Evaluation seeds per prompt: held-out prompts (8) and training prompts (40).
+  t.eval_seeds = 24
+  t.eval_seeds_train = 4
   return t
 
 

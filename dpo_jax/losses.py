@@ -12,6 +12,24 @@ import jax
 import jax.numpy as jnp
 
 
+def pair_metrics(
+  inside: chex.Array,
+  policy_mse_w: chex.Array,
+  policy_mse_l: chex.Array,
+  ref_mse_w: chex.Array,
+  ref_mse_l: chex.Array,
+) -> dict[str, chex.Array]:
+  """Per-pair DPO diagnostics: implicit accuracy / margin of the logits and the mean MSEs."""
+  return {
+    "implicit_acc": jnp.mean((inside > 0).astype(jnp.float32)),
+    "reward_margin": jnp.mean(inside),
+    "model_mse_w": jnp.mean(policy_mse_w),
+    "model_mse_l": jnp.mean(policy_mse_l),
+    "ref_mse_w": jnp.mean(ref_mse_w),
+    "ref_mse_l": jnp.mean(ref_mse_l),
+  }
+
+
 def dpo_loss(
   policy_mse_w: chex.Array,
   policy_mse_l: chex.Array,
@@ -46,15 +64,7 @@ def dpo_loss(
   # log_sigmoid is stable for |inside| >> 1, where log(sigmoid(.)) underflows
   # to -inf and its gradient to NaN.
   loss = -jnp.mean(jax.nn.log_sigmoid(inside))
-  metrics = {
-    "implicit_acc": jnp.mean((inside > 0).astype(jnp.float32)),
-    "reward_margin": jnp.mean(inside),
-    "model_mse_w": jnp.mean(policy_mse_w),
-    "model_mse_l": jnp.mean(policy_mse_l),
-    "ref_mse_w": jnp.mean(ref_mse_w),
-    "ref_mse_l": jnp.mean(ref_mse_l),
-  }
-  return loss, metrics
+  return loss, pair_metrics(inside, policy_mse_w, policy_mse_l, ref_mse_w, ref_mse_l)
 
 
 def sft_loss(policy_mse_w: chex.Array) -> tuple[chex.Array, dict[str, chex.Array]]:
@@ -179,12 +189,7 @@ def rpo_loss(
   inside = jnp.diagonal(logits)
   off_diag = 1.0 - jnp.eye(b, dtype=weights.dtype)
   metrics = {
-    "implicit_acc": jnp.mean((inside > 0).astype(jnp.float32)),
-    "reward_margin": jnp.mean(inside),
-    "model_mse_w": jnp.mean(policy_mse_w),
-    "model_mse_l": jnp.mean(policy_mse_l),
-    "ref_mse_w": jnp.mean(ref_mse_w),
-    "ref_mse_l": jnp.mean(ref_mse_l),
+    **pair_metrics(inside, policy_mse_w, policy_mse_l, ref_mse_w, ref_mse_l),
     "rpo_offdiag_weight": jnp.sum(weights * off_diag) / max(b * (b - 1), 1),
     "rpo_neighbours": jnp.mean(1.0 / jnp.sum(weights**2, axis=-1)),
   }

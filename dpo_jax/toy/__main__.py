@@ -163,7 +163,7 @@ def main(argv: list[str]) -> None:
   with open(os.path.join(out_dir, "images_metadata.tmp"), "w") as meta:
     for split, specs, seeds in (
       ("heldout_prompts", heldout, run.eval_seeds(toy)),
-      ("train_prompts", train_specs, run.eval_seeds(toy, 0.25)),
+      ("train_prompts", train_specs, run.eval_seeds(toy, train_prompts=True)),
     ):
       scored = run.score_models(pipeline, models, specs, seeds, settings)
       grid_specs, grid_seeds = run.grid_specs(specs, seeds)

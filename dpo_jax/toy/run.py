@@ -243,9 +243,9 @@ def score_models(
   }
 
 
-def eval_seeds(toy: ml_collections.ConfigDict, fraction: float = 1.0) -> list[int]:
-  """Evaluation seeds (disjoint from the pair seeds)."""
-  return list(range(10_000, 10_000 + max(1, int(toy.eval_seeds * fraction))))
+def eval_seeds(toy: ml_collections.ConfigDict, train_prompts: bool = False) -> list[int]:
+  """Evaluation seeds (disjoint from the pair seeds), per held-out or training prompt."""
+  return list(range(10_000, 10_000 + (toy.eval_seeds_train if train_prompts else toy.eval_seeds)))
 
 
 def summarize(rewards: Mapping[str, np.ndarray], prompts: Sequence[str], baseline: str) -> dict:
@@ -269,7 +269,7 @@ def before_after(config: ml_collections.ConfigDict, params: Params) -> dict[str,
   models = {"base": pipeline.unet_params, config.objective: params}
   result = {}
   for split, specs, seeds in (
-    ("train_prompts", train_specs, eval_seeds(toy, 0.25)),
+    ("train_prompts", train_specs, eval_seeds(toy, train_prompts=True)),
     ("heldout_prompts", heldout, eval_seeds(toy)),
   ):
     scored = score_models(pipeline, models, specs, seeds, settings)
