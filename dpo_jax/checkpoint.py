@@ -9,6 +9,8 @@ pretrained components are never written here: they are reloaded from
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Any
 
@@ -105,3 +107,43 @@ def restore_latest_valid(
       continue
     return step, restored.state, dict(restored.data)
   return None
+
+
+def resolve_step_dir(path: str) -> str:
+  """A step folder (`.../checkpoints/<step>`) from a workdir, its `checkpoints/` or a step dir.
+
+  A workdir or `checkpoints/` folder resolves to its newest numbered step.
+
+  Raises:
+    FileNotFoundError: naming the path and what was expected there.
+  """
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "state")):
+    return path
+  root = (
+    os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  )
+  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+  if not steps:
+    raise FileNotFoundError(
+      f"No checkpoint at {path}: expected a training workdir (with checkpoints/<step>/), "
+      "a checkpoints/ folder, or a step folder containing state/ and meta/."
+    )
+  return os.path.join(root, str(steps[-1]))
+
+
+def load_params_for_inference(path: str) -> tuple[Any, dict[str, Any]]:
+  """(UNet params on one device, run meta incl. the config) from a checkpoint.
+
+  The `state` item is restored onto the first local device whatever mesh saved
+  it, and only its parameters are returned (the optimizer state is dropped).
+  """
+  step_dir = resolve_step_dir(path)
+  with open(os.path.join(step_dir, "meta", "metadata")) as f:
+    meta = json.load(f)
+  ckptr = ocp.StandardCheckpointer()
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  tree = ckptr.metadata(os.path.join(step_dir, "state")).item_metadata
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree)
+  restored = ckptr.restore(os.path.join(step_dir, "state"), abstract)
+  return restored["train_state"]["params"], meta

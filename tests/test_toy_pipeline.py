@@ -86,6 +86,49 @@ def test_generate_is_per_seed_and_batch_independent(random_toy_pipeline):
     sample.generate(pipe, pipe.unet_params, prompts, [1], settings)
 
 
+def test_sample_cli_writes_images_grid_and_metadata(random_toy_pipeline, tmp_path):
+  import subprocess
+  import sys
+
+  from PIL import Image
+
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text('{"prompt": "a red circle at the top left"}\n{"caption": "a blue square"}\n')
+  out = tmp_path / "out"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "-m", "dpo_jax.sample", f"--pipeline={random_toy_pipeline}"]
+  cmd += [f"--prompts={prompts}", f"--output={out}", "--num_images_per_prompt=2", "--seed=3"]
+  cmd += ["--num_inference_steps=3", "--guidance_scale=2", "--batch_size=4"]
+  env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": repo}
+  subprocess.run(cmd, check=True, env=env, cwd=repo, capture_output=True, timeout=600)
+  rows = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
+  assert [(r["prompt"], r["seed"]) for r in rows] == [
+    ("a red circle at the top left", 3),
+    ("a red circle at the top left", 4),
+    ("a blue square", 3),
+    ("a blue square", 4),
+  ]
+  pipe = loader.load_pipeline(random_toy_pipeline)
+  expect = sample.generate(
+    pipe,
+    pipe.unet_params,
+    [r["prompt"] for r in rows],
+    [r["seed"] for r in rows],
+    sample.SampleSettings(3, 2.0, 4),
+  )
+  for r, e in zip(rows, expect):
+    got = np.asarray(Image.open(out / r["file"]))
+    np.testing.assert_allclose(got.astype(int), e.astype(int), atol=1)
+  assert np.asarray(Image.open(out / "grid.png")).shape == (2 * 18, 2 * 18, 3)
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+  from dpo_jax import checkpoint
+
+  with pytest.raises(FileNotFoundError, match=f"No checkpoint at {tmp_path}"):
+    checkpoint.resolve_step_dir(str(tmp_path))
+
+
 def test_label_pairs_hand_example():
   rewards = np.array([0.9, 0.2, 0.9005, 0.5, -0.4])
   groups = ["p", "p", "p", "q", "q"]
@@ -126,7 +169,7 @@ def test_reduced_toy_run_dpo_raises_train_prompt_reward(tmp_path):
   training prompts on fresh seeds.
   """
   from configs import toy as toy_config
-  from dpo_jax import trainer
+  from dpo_jax import checkpoint, trainer
   from dpo_jax.toy import run
 
   c = toy_config.get_config()
@@ -148,6 +191,11 @@ def test_reduced_toy_run_dpo_raises_train_prompt_reward(tmp_path):
   assert report["rows_written"] >= 8 * REDUCED["dpo_steps"] // 4, report
   result = trainer.train_and_evaluate(c, str(tmp_path / "dpo"))
   assert result["state"].step == REDUCED["dpo_steps"]
+  # What `python -m dpo_jax.sample --checkpoint=WORKDIR` reads back: the final params.
+  restored, meta = checkpoint.load_params_for_inference(str(tmp_path / "dpo"))
+  assert meta["step"] == REDUCED["dpo_steps"] and meta["config"]["pretrained_path"]
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(result["state"].params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   pipe = loader.load_pipeline(c.pretrained_path)
   scored = run.score_models(
     pipe,
