@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
   "pillow>=10",
   "numpy>=1.26",
   "tqdm>=4.66",
+  "matplotlib>=3.8",
 ]
 
 EXTRAS_REQUIRE = {
@@ -36,6 +37,10 @@ EXTRAS_REQUIRE = {
     "portpicker>=1.6",
     "ruff>=0.6",
     "torch==2.13.0",
+    # Runs notebooks/sample.ipynb headless in the suite.
+    "nbclient>=0.10",
+    "nbformat>=5.10",
+    "ipykernel>=6.29",
   ],
 }
 

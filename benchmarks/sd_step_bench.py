@@ -13,19 +13,20 @@ configuration's alone and an out-of-memory one does not stop the rest. Per
 configuration: compile seconds (lower + compile), median seconds per step
 after warm-up (each step waited on with block_until_ready), pairs/s, images/s
 (images through the trained UNet: 2 per pair for DPO, the winner only for
-SFT), XLA cost-analysis FLOPs per step, achieved TFLOP/s and MFU against
+SFT), model FLOPs per step (XLA's cost analysis of the lowered HLO, without
+remat: `step.lowered_flops`), achieved TFLOP/s and MFU against
 `--peak_tflops`, and peak device memory; then the DPO/SFT step-time ratio per
 pair count (ideal ~8/3: policy forward+backward on two images plus two
 reference forwards, against forward+backward on one image).
 
-  python benchmarks/sd_step_bench.py --pairs=8,16 \
+  python benchmarks/sd_step_bench.py --pairs=8,16 --remat=blocks \
       --out=benchmarks/results/sd_step_bench_h200.json
 
 XLA's cost analysis of the step compiled for a GPU misses most of its FLOPs
 (the convolutions and matmuls go to cuDNN/cuBLAS: ~2-3 of ~50 TFLOP for DPO at
-8 pairs), so MFU needs the FLOPs recounted from the lowered HLO, which any host
-does in seconds without weights; `--recount` merges device result files and
-does that:
+8 pairs), hence the lowered HLO's count, which any host does in seconds without
+weights; `--recount` merges device result files (older ones counted the
+compiled program) and recounts them here:
 
   python benchmarks/sd_step_bench.py --recount=run1.json,run2.json \
       --out=benchmarks/results/sd_step_bench_h200.json
@@ -72,18 +73,9 @@ def _arch(name: str) -> tuple[dict[str, Any], int, int]:
   return unet_cfg, side, tokens
 
 
-def _lowered_flops(lowered) -> float:
-  """FLOPs of the unoptimised HLO (a cross-check: GPU cost analysis sees library calls)."""
-  try:
-    cost = lowered.cost_analysis()
-    if isinstance(cost, list):
-      cost = cost[0]
-    return float(cost.get("flops", float("nan")))
-  except Exception:  # noqa: BLE001
-    return float("nan")
-
-
-def sd15_step_config(objective: str, pairs: int, unet_cfg: dict[str, Any], mem_eff_attn: bool):
+def sd15_step_config(
+  objective: str, pairs: int, unet_cfg: dict[str, Any], mem_eff_attn: bool, remat: str = "none"
+):
   """configs/sd15.py's DPO (or SFT) config on `unet_cfg`, one micro-step of `pairs` pairs."""
   from configs import sd15
 
@@ -91,6 +83,7 @@ def sd15_step_config(objective: str, pairs: int, unet_cfg: dict[str, Any], mem_e
   for k, v in unet_cfg.items():
     c.model[k] = v
   c.model.use_memory_efficient_attention = mem_eff_attn
+  c.model.remat = remat
   c.data.global_batch_size = pairs
   c.optim.grad_accum = 1
   return c
@@ -128,11 +121,12 @@ def random_params(unet, rng_seed: int = 0):
 
 
 def hlo_flops(objective: str, pairs: int, arch: str, mem_eff_attn: bool = False) -> float:
-  """FLOPs of the step's unoptimised HLO, from abstract shapes (no weights, no compile).
+  """Model FLOPs of the step's unoptimised HLO, from abstract shapes (no weights, no compile).
 
   XLA's GPU cost analysis of the compiled step misses most of the work (the
   convolutions and matmuls it hands to cuDNN/cuBLAS), so the FLOPs for MFU
-  are counted here, on the lowered program, on any host.
+  are counted here, on the lowered program (`step.lowered_flops`), on any
+  host, and without remat: MFU counts the model's FLOPs, not recomputation.
   """
   import jax
   import jax.numpy as jnp
@@ -160,7 +154,7 @@ def hlo_flops(objective: str, pairs: int, arch: str, mem_eff_attn: bool = False)
     "context": jax.ShapeDtypeStruct((pairs, tokens, ctx_dim), jnp.float32),
   }
   fn = jax.jit(functools.partial(step_lib.train_step, spec=spec), donate_argnums=0)
-  return _lowered_flops(fn.lower(state, ref, batch, jax.random.PRNGKey(1)))
+  return step_lib.lowered_flops(fn.lower(state, ref, batch, jax.random.PRNGKey(1)))
 
 
 def recount(args) -> None:
@@ -217,7 +211,7 @@ def run_one(args) -> dict[str, Any]:
   unet_cfg, side, tokens = _arch(args.arch)
   ctx_dim = unet_cfg["cross_attention_dim"]
   pairs = args.pairs[0]
-  c = sd15_step_config(args.objective, pairs, unet_cfg, args.mem_efficient_attention)
+  c = sd15_step_config(args.objective, pairs, unet_cfg, args.mem_efficient_attention, args.remat)
   unet = unet_lib.unet_from_config(c.model, c.precision.compute_dtype)
   tx, lr_fn = optim.make_optimizer(c.optim, c.max_steps)
   uncond = {"context": np.zeros((tokens, ctx_dim), np.float32)}
@@ -246,7 +240,13 @@ def run_one(args) -> dict[str, Any]:
   compile_s = time.perf_counter() - t0
   print(f"  compiled in {compile_s:.1f} s", flush=True)
   flops_compiled = step_lib.compiled_flops(compiled)
-  flops_lowered = _lowered_flops(lowered)
+  # What the device executes (with remat, the recomputed forward too), and the
+  # model FLOPs MFU is defined by: the same step without remat and with plain
+  # attention (XLA counts the chunked attention's loop bodies once).
+  flops_lowered = step_lib.lowered_flops(lowered)
+  flops_model = flops_lowered
+  if args.remat != "none" or args.mem_efficient_attention:
+    flops_model = hlo_flops(args.objective, pairs, args.arch)
   mem = compiled.memory_analysis()
   xla_mem = {
     k: float(getattr(mem, f"{k}_size_in_bytes", float("nan")))
@@ -265,16 +265,7 @@ def run_one(args) -> dict[str, Any]:
   last = {k: float(v) for k, v in jax.device_get(m).items()}
 
   med = float(np.median(times))
-  # GPU cost analysis may miss work inside library calls; fall back to the
-  # unoptimised HLO's count where the compiled one is missing or much lower.
-  flops = flops_compiled
-  flops_source = "compiled"
-  if (
-    not np.isfinite(flops)
-    or flops <= 0
-    or (np.isfinite(flops_lowered) and flops < 0.5 * flops_lowered)
-  ):
-    flops, flops_source = flops_lowered, "lowered"
+  flops = flops_model
   tflops_per_s = flops / med / 1e12
   dev = jax.devices()[0]
   stats = {}
@@ -301,8 +292,9 @@ def run_one(args) -> dict[str, Any]:
     "warmup": args.warmup,
     "pairs_per_s": pairs / med,
     "images_per_s": images_per_pair * pairs / med,
+    "remat": args.remat,
     "flops_per_step": flops,
-    "flops_source": flops_source,
+    "flops_source": "lowered HLO cost analysis, no remat, plain attention (model FLOPs)",
     "flops_per_step_compiled": flops_compiled,
     "flops_per_step_lowered": flops_lowered,
     "tflops_per_s": tflops_per_s,
@@ -399,6 +391,7 @@ def drive(args) -> None:
     cmd += [f"--pairs={pairs}", f"--result={result_path}", f"--arch={args.arch}"]
     cmd += [f"--iters={args.iters}", f"--warmup={args.warmup}"]
     cmd += [f"--peak_tflops={args.peak_tflops}"]
+    cmd += [f"--remat={args.remat}"]
     if args.mem_efficient_attention:
       cmd.append("--mem_efficient_attention")
     print(f"=== {objective} pairs={pairs} ({left:.0f} s of budget left)", flush=True)
@@ -439,6 +432,9 @@ def main() -> None:
   ap.add_argument("--peak_tflops", type=float, default=989.0, help="Dense bf16 peak for MFU.")
   ap.add_argument(
     "--mem_efficient_attention", action="store_true", help="diffusers' query-chunked attention."
+  )
+  ap.add_argument(
+    "--remat", default="none", help="config.model.remat of the timed step (FLOPs: without)."
   )
   ap.add_argument("--budget_s", type=float, default=1e9, help="Skip configs past this.")
   ap.add_argument("--out", default="benchmarks/results/sd_step_bench.json")

@@ -1,9 +1,11 @@
-"""Times the jitted DPO and SFT train steps on a tiny SD-shaped UNet.
+"""Times the jitted DPO, SFT and RPO train steps on a tiny SD-shaped UNet.
 
 Shape from BRIEF §5: blocks 64/128/128, cross-attention in the first two
 levels, 32x32x4 latents, 4 pairs per step, AdamW. Prints steps/s, pairs/s and
 the DPO/SFT time ratio (ideal ~8/3 per pair: policy fwd+bwd on two images plus
-two reference forwards, vs fwd+bwd on one image) and writes JSON.
+two reference forwards, vs fwd+bwd on one image), the RPO/DPO ratio (RPO
+reads cached pair embeddings; its extra work is the [B, B] weighting) and
+writes JSON.
 
   python benchmarks/step_bench.py --out=benchmarks/results/step_bench.json
 """
@@ -50,11 +52,15 @@ def time_step(objective: str, pairs: int, size: int, iters: int) -> dict[str, fl
   params = unet_lib.init_unet_params(unet, jax.random.PRNGKey(0))
   ref = jax.tree.map(jnp.copy, params)
   data = synthetic.make_synthetic_pairs(pairs, 2, (4, size, size), 8, 64, seed=0)
+  if objective == "rpo":
+    # Cached per-pair CLIP embeddings (what the data side supplies).
+    data["rpo_embeds"] = data["context"].mean(axis=1)
   batch = jax.tree.map(jnp.asarray, data)
   state = step_lib.init_train_state(params, tx)
   fn = jax.jit(lambda s, r, b, k: step_lib.train_step(s, r, b, k, spec=spec), donate_argnums=0)
   t0 = time.perf_counter()
-  compiled = fn.lower(state, ref, batch, jax.random.PRNGKey(0)).compile()
+  lowered = fn.lower(state, ref, batch, jax.random.PRNGKey(0))
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   state, m = compiled(state, ref, batch, jax.random.PRNGKey(0))  # Warm-up.
   jax.block_until_ready(m)
@@ -71,7 +77,7 @@ def time_step(objective: str, pairs: int, size: int, iters: int) -> dict[str, fl
     "step_s_min": float(np.min(times)),
     "steps_per_s": 1.0 / med,
     "pairs_per_s": pairs / med,
-    "flops_per_step": step_lib.compiled_flops(compiled),
+    "flops_per_step": step_lib.lowered_flops(lowered),
   }
 
 
@@ -83,19 +89,22 @@ def main() -> None:
   ap.add_argument("--out", default="benchmarks/results/step_bench.json")
   args = ap.parse_args()
 
-  results = {o: time_step(o, args.pairs, args.size, args.iters) for o in ("dpo", "sft")}
+  results = {o: time_step(o, args.pairs, args.size, args.iters) for o in ("dpo", "sft", "rpo")}
   ratio = results["dpo"]["step_s_median"] / results["sft"]["step_s_median"]
+  rpo_ratio = results["rpo"]["step_s_median"] / results["dpo"]["step_s_median"]
   for o, r in results.items():
     print(
       f"{o}: {r['steps_per_s']:.3f} steps/s, {r['pairs_per_s']:.2f} pairs/s, "
       f"median {r['step_s_median']:.3f} s/step (compile {r['compile_s']:.1f} s)"
     )
   print(f"DPO/SFT step time ratio: {ratio:.2f} (ideal ~{8 / 3:.2f} for the same pairs)")
+  print(f"RPO/DPO step time ratio: {rpo_ratio:.2f} (cached embeddings; ideal ~1)")
   out = {
     "pairs": args.pairs,
     "latent_size": args.size,
     "results": results,
     "dpo_over_sft": ratio,
+    "rpo_over_dpo": rpo_ratio,
   }
   results_io.write_results(out, args.out)
 

@@ -27,6 +27,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.rpo = ml_collections.ConfigDict()
   c.rpo.tau = 0.5
   c.rpo.embedding = "text"
+  # "text": the pipeline's own frozen CLIP text encoder (pooled output; SDXL:
+  # text_encoder_2's projected embeds). "image" / "text+image" also need a CLIP
+  # model folder (transformers format) for the image tower.
+  c.rpo.clip_path = ""
   c.max_steps = 20
   c.log_every = 1
   c.eval_every = 0  # 0 = only at the end.
@@ -67,6 +71,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.cross_attention_dim = 32
   # diffusers' query-chunked attention (lower memory; on CPU faster forward).
   c.model.use_memory_efficient_attention = False
+  # Rematerialisation of the trained UNet's activations in the backward pass
+  # (models.unet.REMAT_POLICIES): "none" keeps all; "blocks" puts each down/mid/up
+  # block under jax.checkpoint and keeps only the blocks' inputs and outputs
+  # (least memory, one extra policy forward: ~10 instead of ~8 forward-
+  # equivalents per DPO pair); "blocks_save_dots" also keeps the Dense layers'
+  # outputs. Not part of the architecture: a pretrained folder's UNet gets it
+  # too, and parameters and checkpoints are the same with any setting.
+  c.model.remat = "none"
 
   c.scheduler = ml_collections.ConfigDict()
   c.scheduler.num_train_timesteps = 1000
@@ -74,6 +86,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.scheduler.beta_start = 0.00085
   c.scheduler.beta_end = 0.012
   c.scheduler.prediction_type = "epsilon"  # epsilon | v_prediction
+
+  # Periodic evaluation by sampling (`dpo_jax.sample_eval`): every N steps
+  # (0 = off) sample images_per_prompt fixed seeds (seed + j) for each prompt
+  # of `prompts` ("builtin", "pickapic:DIR[:SPLIT]" or a .txt/.jsonl file),
+  # score them with `scorers` ("NAME=PATH,..." as in dpo_jax.evaluate, or
+  # model-free names) and log means and a grid. Needs pretrained_path.
+  c.sample_eval = ml_collections.ConfigDict()
+  c.sample_eval.every = 0
+  c.sample_eval.prompts = "builtin"
+  c.sample_eval.max_prompts = 8
+  c.sample_eval.images_per_prompt = 2
+  c.sample_eval.seed = 0
+  c.sample_eval.num_inference_steps = 20
+  c.sample_eval.guidance_scale = 7.5
+  c.sample_eval.scheduler = "ddim"
+  c.sample_eval.batch_size = 16
+  c.sample_eval.scorers = ""
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"  # adamw | adafactor

@@ -10,6 +10,14 @@ the batch (2.048e-5), constant after 25 % warmup, 2000 steps, 512 px, random
 crop + flip, caption dropout 0.2. Memory: fp32 master + AdamW + bf16 reference
 is ~15.5 GB for the 860M UNet, so plain data parallelism fits on 16+ GB chips;
 set mesh.fsdp > 1 on smaller ones.
+
+Activations: the 16-pair micro-step is 1 pair per chip on the official 16
+chips. With more pairs per chip, rematerialise and chunk the attention
+(`--config.model.remat=blocks --config.model.use_memory_efficient_attention=True`):
+for 16 pairs on one chip the planner's XLA temp estimate drops from 219 GiB to
+37 GiB (`python -m dpo_jax.tools.plan --config=configs/sd15.py
+--mesh=data=1,fsdp=1`), for ~22 % more FLOPs (remat) plus the chunked
+attention's own recompute.
 """
 
 from __future__ import annotations

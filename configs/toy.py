@@ -4,10 +4,12 @@
 from `toy.cache_dir`) a pretrained toy base pipeline and its preference pairs
 (`dpo_jax.toy`), fine-tunes the base with DPO through the real Pick-a-Pic data
 path, and prints the reward before / after. `python -m dpo_jax.toy` runs the
-full base vs DPO vs SFT comparison.
+full base vs DPO vs SFT vs RPO comparison and the style-alignment run.
 
   python -m dpo_jax.train                                 # this config, DPO
   python -m dpo_jax.train --config=configs/toy.py:sft     # SFT on the winners
+  python -m dpo_jax.train --config=configs/toy.py:rpo     # Diffusion-RPO
+  python -m dpo_jax.train --config=configs/toy.py:style   # DPO toward a style
   python -m dpo_jax.train --config.toy.base_steps=300     # a quicker, weaker base
 """
 
@@ -42,6 +44,10 @@ def toy_settings() -> ml_collections.ConfigDict:
   # Evaluation seeds per prompt: held-out prompts (8) and training prompts (40).
   t.eval_seeds = 24
   t.eval_seeds_train = 4
+  # Style alignment (`dpo_jax.data.style`): "" = the reward pairs; a style name
+  # (e.g. "amber_duotone") trains on (styled image > original) pairs built from
+  # the reward pairs' images, and evaluation adds that style's score.
+  t.style = ""
   return t
 
 
@@ -71,7 +77,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # pretrained_path / data.path: filled in from the toy cache unless given.
   if arg == "sft":
     c.objective = "sft"
+  elif arg == "rpo":
+    # Diffusion-RPO: every winner vs every loser of the batch, weighted by the
+    # similarity of the prompts' pooled CLIP text embeddings (the base's own
+    # text encoder).
+    c.objective = "rpo"
+    c.rpo.embedding = "text"
+  elif arg == "style":
+    c.toy.style = "amber_duotone"
   elif arg:
-    raise ValueError(f"Unknown toy variant {arg!r}; expected '' or 'sft'.")
+    raise ValueError(f"Unknown toy variant {arg!r}; expected '', 'sft', 'rpo' or 'style'.")
   c.lock()
   return c

@@ -113,23 +113,22 @@ def resolve_step_dir(path: str) -> str:
   """A step folder (`.../checkpoints/<step>`) from a workdir, its `checkpoints/` or a step dir.
 
   A workdir or `checkpoints/` folder resolves to its newest numbered step.
+  Local paths and cloud paths (`gs://...`, via etils.epath) both work.
 
   Raises:
     FileNotFoundError: naming the path and what was expected there.
   """
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "state")):
-    return path
-  root = (
-    os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-  )
-  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+  p = epath.Path(path if "://" in path else os.path.abspath(path))
+  if (p / "state").is_dir():
+    return os.fspath(p)
+  root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+  steps = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit()) if root.is_dir() else []
   if not steps:
     raise FileNotFoundError(
-      f"No checkpoint at {path}: expected a training workdir (with checkpoints/<step>/), "
+      f"No checkpoint at {p}: expected a training workdir (with checkpoints/<step>/), "
       "a checkpoints/ folder, or a step folder containing state/ and meta/."
     )
-  return os.path.join(root, str(steps[-1]))
+  return os.fspath(root / str(steps[-1]))
 
 
 def load_params_for_inference(path: str) -> tuple[Any, dict[str, Any]]:
@@ -138,12 +137,11 @@ def load_params_for_inference(path: str) -> tuple[Any, dict[str, Any]]:
   The `state` item is restored onto the first local device whatever mesh saved
   it, and only its parameters are returned (the optimizer state is dropped).
   """
-  step_dir = resolve_step_dir(path)
-  with open(os.path.join(step_dir, "meta", "metadata")) as f:
-    meta = json.load(f)
+  step_dir = epath.Path(resolve_step_dir(path))
+  meta = json.loads((step_dir / "meta" / "metadata").read_text())
   ckptr = ocp.StandardCheckpointer()
   one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  tree = ckptr.metadata(os.path.join(step_dir, "state")).item_metadata
+  tree = ckptr.metadata(step_dir / "state").item_metadata
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree)
-  restored = ckptr.restore(os.path.join(step_dir, "state"), abstract)
+  restored = ckptr.restore(step_dir / "state", abstract)
   return restored["train_state"]["params"], meta

@@ -1,8 +1,11 @@
-"""Logging set-up shared by the command-line entry points."""
+"""Logging and flag parsing shared by the command-line entry points."""
 
 from __future__ import annotations
 
 import logging as std_logging
+import sys
+from collections.abc import Sequence
+from typing import Any
 
 from absl import logging
 
@@ -24,3 +27,19 @@ def quiet_libraries() -> None:
   from diffusers.utils import logging as diffusers_logging
 
   diffusers_logging.set_verbosity_error()
+
+
+def parse_own_flags(fv: Any, argv: Sequence[str], doc: str, required: Sequence[str]) -> Any:
+  """Parses `argv` into the absl FlagValues `fv` (not the process-wide FLAGS).
+
+  `--help` prints `doc` and the flags and exits; each name in `required` must
+  be set, else a ValueError naming it.
+  """
+  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+    print(doc + "\nFlags:\n" + fv.get_help())
+    sys.exit(0)
+  fv(list(argv))
+  for name in required:
+    if not fv[name].value:
+      raise ValueError(f"--{name} is required.")
+  return fv

@@ -2,18 +2,22 @@
 
 `generate(pipeline, unet_params, prompts, seeds)` returns uint8 images. Image i
 starts from the noise drawn with `jax.random.PRNGKey(seeds[i])` whatever the
-batch it lands in, so two models compared on the same (prompt, seed) lists see
-identical starting points, and a run is reproducible image by image.
+batch it lands in and however many devices run it, so two models compared on
+the same (prompt, seed) lists see identical starting points, and a run is
+reproducible image by image.
 
-The reverse process is `sampler.ddim_sample` (one jitted `lax.scan` with
-classifier-free guidance), followed by the VAE decoder, or nothing for a
-pixel-space pipeline (no VAE). SDXL gets micro-conditioning for an uncropped
-image at the generation size, as diffusers' pipeline does by default.
+The reverse process is one of `sampler.SCHEDULERS` (ddim, euler, dpmpp: a
+jitted `lax.scan` with classifier-free guidance), followed by the VAE decoder,
+or nothing for a pixel-space pipeline (no VAE). SDXL gets micro-conditioning
+for an uncropped image at the generation size, as diffusers' pipeline does by
+default. The jitted program runs over a 1-D ("data",) mesh of local devices:
+prompts and noise are split over it, all parameters replicated.
 
-Command line (DDIM only so far):
+Command line:
   python -m dpo_jax.sample --checkpoint=WORKDIR_OR_STEP_DIR --prompts=FILE --output=DIR \
       [--pipeline=DIFFUSERS_DIR] [--num_images_per_prompt=4] [--guidance_scale=7.5] \
-      [--num_inference_steps=50] [--seed=0]
+      [--num_inference_steps=50] [--scheduler=ddim|euler|dpmpp] [--dtype=float32|bfloat16] \
+      [--mesh=0] [--batch_size=16] [--seed=0]
 writes one PNG per image, `grid.png` (a row per prompt) and `metadata.jsonl`
 (file, prompt, seed, model, settings). Image j of every prompt uses seed
 `seed + j`, so two models sampled with the same flags see the same noise.
@@ -30,14 +34,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from dpo_jax import sampler
+from dpo_jax import prompts as prompts_lib
+from dpo_jax import sampler, sharding
 from dpo_jax.data import encode
 from dpo_jax.models import conditioning
 from dpo_jax.models import unet as unet_lib
 from dpo_jax.models.loader import Pipeline
 
 Params = dict[str, Any]
+BATCH_AXIS = "data"
+OUTPUTS = ("uint8", "float")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,16 +54,25 @@ class SampleSettings:
   """How images are drawn.
 
   Attributes:
-    num_inference_steps: DDIM steps.
+    num_inference_steps: sampler steps.
     guidance_scale: classifier-free guidance weight (1 = no guidance, one UNet
       call per step).
-    batch_size: most images per compiled call; the last batch is padded by
-      repeating rows (the padding is dropped, never returned).
+    batch_size: most images per compiled call, rounded up to a multiple of the
+      device count; the last batch is padded to the same size by repeating rows
+      (the padding is dropped, never returned).
+    scheduler: "ddim", "euler" or "dpmpp" (`sampler.SCHEDULERS`).
+    dtype: compute dtype of the UNet, VAE and text encoder(s): "float32" or
+      "bfloat16" (the sampler's own arithmetic stays float32).
+    num_devices: devices of the batch mesh (0 = all local devices). Images do
+      not depend on it beyond floating-point noise.
   """
 
   num_inference_steps: int = 50
   guidance_scale: float = 7.5
   batch_size: int = 64
+  scheduler: str = "ddim"
+  dtype: str = "float32"
+  num_devices: int = 0
 
 
 def latent_shape(pipeline: Pipeline) -> tuple[int, int, int]:
@@ -83,49 +101,105 @@ def to_uint8(images: jax.Array) -> jax.Array:
   return jnp.round(jnp.transpose(x, (0, 2, 3, 1))).astype(jnp.uint8)
 
 
+def to_unit_float(images: jax.Array) -> jax.Array:
+  """[B, 3, H, W] in ~[-1, 1] -> float32 [B, H, W, 3] in [0, 1] (diffusers' output_type="np")."""
+  x = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+  return jnp.transpose(x, (0, 2, 3, 1))
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+  """1-D ("data",) mesh over the first `num_devices` local devices (0 = all of them)."""
+  devices = jax.local_devices()
+  n = num_devices or len(devices)
+  if not 1 <= n <= len(devices):
+    raise ValueError(f"Asked for a mesh of {n} devices; {len(devices)} local devices exist.")
+  return Mesh(np.asarray(devices[:n]), (BATCH_AXIS,))
+
+
+def with_compute_dtype(pipeline: Pipeline, dtype: str) -> Pipeline:
+  """The pipeline with its UNet, VAE and text encoder(s) computing in `dtype` (params unchanged)."""
+  d = unet_lib.parse_dtype(dtype)
+  modules = {"unet": pipeline.unet, "vae": pipeline.vae, "text_encoder": pipeline.text_encoder}
+  modules["text_encoder_2"] = pipeline.text_encoder_2
+  changed = {k: m.clone(dtype=d) for k, m in modules.items() if m is not None and m.dtype != d}
+  return dataclasses.replace(pipeline, **changed) if changed else pipeline
+
+
+def sample_images(
+  pipeline: Pipeline,
+  settings: SampleSettings,
+  unet_params: Params,
+  frozen: Params,
+  input_ids: jax.Array,
+  noise: jax.Array,
+) -> jax.Array:
+  """Pure (jittable): token ids [B, L] (SDXL [B, 2, L]) and noise [B, C, h, w] -> images.
+
+  Returns the decoded images [B, 3, H, W], roughly in [-1, 1] and unclipped
+  (for a pixel-space pipeline, x_0 itself).
+  """
+  pipe = with_compute_dtype(pipeline, settings.dtype)
+  dtype = unet_lib.parse_dtype(settings.dtype)
+  # Cast once here, not per step inside the loop (what the trainer does for bf16 too).
+  unet_params = jax.tree.map(lambda p: p.astype(dtype), unet_params)
+  loop = sampler.make_sampler(
+    settings.scheduler, pipe.scheduler_config, settings.num_inference_steps
+  )
+  uncond_ids = jnp.asarray(encode.make_tokenize_fn(pipe)([""]))
+  context, pooled = encode.encode_text(pipe, frozen, input_ids)
+  u_ctx, u_pooled = encode.encode_text(pipe, frozen, uncond_ids)
+  u_ctx = jnp.broadcast_to(u_ctx, context.shape)
+  added = uncond_added = None
+  if pipe.kind == "sdxl":
+    size = image_size(pipe)
+    time_ids = conditioning.add_time_ids((size, size), (0, 0), (size, size))
+    added = conditioning.sdxl_added_cond(pooled, time_ids)
+    u_pooled = jnp.broadcast_to(u_pooled, pooled.shape)
+    uncond_added = conditioning.sdxl_added_cond(u_pooled, time_ids)
+  denoise = sampler.make_denoiser(
+    unet_lib.make_unet_apply(pipe.unet),
+    unet_params,
+    context,
+    u_ctx,
+    settings.guidance_scale,
+    added,
+    uncond_added,
+  )
+  x0 = loop(denoise, noise)
+  if pipe.vae is None:
+    return x0
+  return conditioning.vae_decode(pipe.vae, frozen["vae"], x0, pipe.vae_scaling_factor)
+
+
 def make_sample_fn(
-  pipeline: Pipeline, settings: SampleSettings
+  pipeline: Pipeline, settings: SampleSettings, output: str = "uint8"
 ) -> Callable[[Params, Params, np.ndarray, np.ndarray], jax.Array]:
-  """Jitted `(unet_params, frozen, input_ids, noise) -> uint8 [B, H, W, 3]`.
+  """Jitted `(unet_params, frozen, input_ids, noise) -> images [B, H, W, 3]` over the mesh.
 
   `frozen` is `data.encode.frozen_params(pipeline)` (text encoder(s), VAE);
-  `input_ids` come from `data.encode.make_tokenize_fn(pipeline)`.
+  `input_ids` come from `data.encode.make_tokenize_fn(pipeline)`. The batch
+  (ids, noise, images) is split over `make_mesh(settings.num_devices)`, so B
+  must be a multiple of its size; parameters are replicated. `output` "uint8"
+  gives uint8 images, "float" float32 in [0, 1] (`to_unit_float`).
   """
-  apply_fn = unet_lib.make_unet_apply(pipeline.unet)
-  scheduler, state = sampler.make_ddim(pipeline.scheduler_config, settings.num_inference_steps)
-  tokenize = encode.make_tokenize_fn(pipeline)
-  uncond_ids = jnp.asarray(tokenize([""]))
-  size = image_size(pipeline)
+  if output not in OUTPUTS:
+    raise ValueError(f"Unknown output {output!r}; expected one of {OUTPUTS}.")
+  if settings.scheduler not in sampler.SCHEDULERS:
+    raise ValueError(f"Unknown scheduler {settings.scheduler!r}; expected {sampler.SCHEDULERS}.")
+  mesh = make_mesh(settings.num_devices)
+  repl, batch = sharding.replicated(mesh), NamedSharding(mesh, P(BATCH_AXIS))
+  finish = to_uint8 if output == "uint8" else to_unit_float
 
   def run(unet_params, frozen, input_ids, noise):
-    b = noise.shape[0]
-    context, pooled = encode.encode_text(pipeline, frozen, input_ids)
-    u_ctx, u_pooled = encode.encode_text(pipeline, frozen, uncond_ids)
-    u_ctx = jnp.broadcast_to(u_ctx, context.shape)
-    added = uncond_added = None
-    if pipeline.kind == "sdxl":
-      time_ids = conditioning.add_time_ids((size, size), (0, 0), (size, size))
-      added = conditioning.sdxl_added_cond(pooled, time_ids)
-      u_pooled = jnp.broadcast_to(u_pooled, pooled.shape)
-      uncond_added = conditioning.sdxl_added_cond(u_pooled, time_ids)
-    x0 = sampler.ddim_sample(
-      apply_fn,
-      unet_params,
-      scheduler,
-      state,
-      noise,
-      context,
-      u_ctx,
-      settings.guidance_scale,
-      added,
-      uncond_added,
-    )
-    if pipeline.vae is not None:
-      x0 = conditioning.vae_decode(pipeline.vae, frozen["vae"], x0, pipeline.vae_scaling_factor)
-    assert x0.shape[0] == b
-    return to_uint8(x0)
+    return finish(sample_images(pipeline, settings, unet_params, frozen, input_ids, noise))
 
-  return jax.jit(run)
+  return jax.jit(run, in_shardings=(repl, repl, batch, batch), out_shardings=batch)
+
+
+def padded_batch_size(n: int, batch_size: int, num_devices: int) -> int:
+  """Images per compiled call: min(batch_size, n), rounded up to a multiple of num_devices."""
+  bs = min(batch_size, max(n, 1))
+  return -(-bs // num_devices) * num_devices
 
 
 def generate(
@@ -144,18 +218,23 @@ def generate(
     pipeline: the loaded pipeline (tokenizer, encoders, VAE, scheduler).
     unet_params: the UNet parameters to sample with (base or fine-tuned).
     prompts, seeds: equal-length lists; one image per entry.
-    settings: steps, guidance, batch size.
+    settings: scheduler, steps, guidance, dtype, batch size, devices.
     sample_fn: a `make_sample_fn(pipeline, settings)` to reuse (saves a compile
-      when several models are sampled with the same settings).
+      when several models are sampled with the same settings); with
+      `output="float"` the result is float32 in [0, 1] instead of uint8.
     progress: called with the number of images finished after each batch.
   """
   if len(prompts) != len(seeds):
     raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; need one seed per image.")
   fn = sample_fn or make_sample_fn(pipeline, settings)
+  mesh = make_mesh(settings.num_devices)
+  # Replicated once per call, not re-sent with every batch.
+  unet_params, frozen = jax.device_put(
+    (unet_params, encode.frozen_params(pipeline)), sharding.replicated(mesh)
+  )
   tokenize = encode.make_tokenize_fn(pipeline)
-  frozen = encode.frozen_params(pipeline)
   n = len(prompts)
-  bs = min(settings.batch_size, max(n, 1))  # No padding beyond the request.
+  bs = padded_batch_size(n, settings.batch_size, mesh.size)
   shape = latent_shape(pipeline)
   out = []
   for start in range(0, n, bs):
@@ -170,27 +249,16 @@ def generate(
   return np.concatenate(out) if out else np.zeros((0, *(image_size(pipeline),) * 2, 3), np.uint8)
 
 
-def read_prompts(path: str) -> list[str]:
-  """Prompts from a text file (one per line) or JSONL (`{"prompt": ...}` or `{"caption": ...}`)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"No prompt file at {path}: expected one prompt per line, or JSONL.")
-  out = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      line = line.strip()
-      if not line:
-        continue
-      if path.endswith(".jsonl"):
-        row = json.loads(line)
-        text = row.get("prompt", row.get("caption"))
-        if not isinstance(text, str):
-          raise ValueError(f"{path}:{n}: expected a 'prompt' or 'caption' string field.")
-        out.append(text)
-      else:
-        out.append(line)
-  if not out:
-    raise ValueError(f"{path} holds no prompts.")
-  return out
+def prompt_seed_grid(
+  prompts: Sequence[str], images_per_prompt: int, seed: int
+) -> tuple[list[str], list[int]]:
+  """Each prompt repeated `images_per_prompt` times; image j of every prompt gets `seed + j`.
+
+  So two models (or two checkpoints) sampled with the same settings see the
+  same initial noise for the same (prompt, j).
+  """
+  k = images_per_prompt
+  return [p for p in prompts for _ in range(k)], [seed + j for _ in prompts for j in range(k)]
 
 
 def grid_image(images: np.ndarray, columns: int) -> np.ndarray:
@@ -232,11 +300,17 @@ def main(argv: Sequence[str]) -> None:
     raise ValueError("Pass --checkpoint=WORKDIR_OR_STEP_DIR and/or --pipeline=DIFFUSERS_DIR.")
   pipeline = loader.load_pipeline(pipeline_path)
   params = pipeline.unet_params if params is None else params
-  prompts = read_prompts(f.prompts)
+  prompts = prompts_lib.load_prompts(f.prompts)
   k = f.num_images_per_prompt
-  all_prompts = [p for p in prompts for _ in range(k)]
-  seeds = [f.seed + j for _ in prompts for j in range(k)]  # Seed j for image j of every prompt.
-  settings = SampleSettings(f.num_inference_steps, f.guidance_scale, f.batch_size)
+  all_prompts, seeds = prompt_seed_grid(prompts, k, f.seed)
+  settings = SampleSettings(
+    num_inference_steps=f.num_inference_steps,
+    guidance_scale=f.guidance_scale,
+    batch_size=f.batch_size,
+    scheduler=f.scheduler,
+    dtype=f.dtype,
+    num_devices=f.mesh,
+  )
   images = generate(pipeline, params, all_prompts, seeds, settings)
   os.makedirs(f.output, exist_ok=True)
   with open(os.path.join(f.output, "metadata.jsonl"), "w") as meta_f:
@@ -244,7 +318,7 @@ def main(argv: Sequence[str]) -> None:
       name = f"{i // k:05d}_{s}.png"
       Image.fromarray(img).save(os.path.join(f.output, name))
       row = {"file": name, "prompt": p, "seed": s, "model": model, "pipeline": pipeline_path}
-      row.update(dataclasses.asdict(settings), scheduler="ddim")
+      row.update(dataclasses.asdict(settings))
       meta_f.write(json.dumps(row) + "\n")
   Image.fromarray(grid_image(images, k)).save(os.path.join(f.output, "grid.png"))
   print(f"Wrote {len(images)} images, grid.png and metadata.jsonl to {f.output}")
@@ -255,13 +329,23 @@ def _define_flags() -> None:
 
   flags.DEFINE_string("checkpoint", "", "Training workdir, its checkpoints/ or a step folder.")
   flags.DEFINE_string("pipeline", "", "Diffusers folder (default: the checkpoint's base).")
-  flags.DEFINE_string("prompts", None, "Prompt file: one per line, or .jsonl.", required=True)
+  flags.DEFINE_string(
+    "prompts",
+    None,
+    "Prompt file (one per line, or .jsonl), 'builtin', or 'pickapic:DIR[:SPLIT]'.",
+    required=True,
+  )
   flags.DEFINE_string("output", None, "Output folder.", required=True)
   flags.DEFINE_integer("num_images_per_prompt", 4, "Images per prompt (seeds seed..seed+n-1).")
   flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance weight.")
-  flags.DEFINE_integer("num_inference_steps", 50, "DDIM steps.")
+  flags.DEFINE_integer("num_inference_steps", 50, "Sampler steps.")
+  flags.DEFINE_enum("scheduler", "ddim", list(sampler.SCHEDULERS), "Sampler (diffusers semantics).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "UNet/VAE/text-encoder compute.")
+  flags.DEFINE_integer("mesh", 0, "Devices to split each batch over (0 = all local devices).")
   flags.DEFINE_integer("seed", 0, "First seed.")
-  flags.DEFINE_integer("batch_size", 16, "Images per compiled call.")
+  flags.DEFINE_integer(
+    "batch_size", 16, "Images per compiled call (rounded up to a multiple of the devices)."
+  )
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from dpo_jax import checkpoint, metrics, optim, sharding
+from dpo_jax import checkpoint, metrics, optim, sample_eval, sharding
 from dpo_jax import step as step_lib
 from dpo_jax.data import encode, sources
 from dpo_jax.models import build as build_lib
 from dpo_jax.models import unet as unet_lib
-from dpo_jax.step import build_step_spec, compiled_flops
+from dpo_jax.step import build_step_spec, lowered_flops
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -191,14 +191,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Ahead-of-time compile: shape/sharding errors surface before any data is
   # read, and the cost analysis gives the step's FLOPs for MFU.
   train_step = step_lib.jit_train_step(spec, state_sh, param_sh, batch_sh, repl)
-  compiled = train_step.lower(state, ref_params, batch_abstract, train_rng).compile()
-  flops = compiled_flops(compiled)
-  logging.info("Compiled train step: %.3g FLOPs/step.", flops)
+  lowered = train_step.lower(state, ref_params, batch_abstract, train_rng)
+  compiled = lowered.compile()
+  # From the lowered HLO: whole-mesh FLOPs, including cuDNN/cuBLAS work that a
+  # GPU-compiled cost analysis misses, and remat's recomputed forward.
+  flops = lowered_flops(lowered)
+  logging.info("Compiled train step: %.3g FLOPs/step (whole mesh).", flops)
   eval_fn = step_lib.jit_eval_step(spec, param_sh, param_sh, batch_sh, repl)
   eval_global = to_step_batch(
     sharding.global_batch_from_local(encode.device_keys(data.eval_batch), mesh)
   )
 
+  sample_evaluator = sample_eval.make_sample_eval(config, workdir)
   if lead and start_step == 0:
     writer.write_hparams(_flat_hparams(config))
   progress = metrics.ProgressLog(config.max_steps, config.data.global_batch_size, start_step)
@@ -242,6 +246,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ev = jax.device_get(eval_fn(state.params, ref_params, eval_global, eval_rng))
       eval_metrics = {k: float(v) for k, v in ev.items()}
       writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+
+    if sample_evaluator and (step % config.sample_eval.every == 0 or is_last):
+      eval_metrics.update(sample_evaluator(step, state.params, writer))
 
     if step % config.checkpoint_every == 0 or is_last:
       checkpoint.save(

@@ -104,11 +104,16 @@ def make_train_config(**extra):
 
   c = tiny.get_config()
   c.unlock()
-  for key, value in {**TRAIN_OVERRIDES, **extra}.items():
+  return _override(c, {**TRAIN_OVERRIDES, **extra})
+
+
+def _override(c, values):
+  """Sets dotted keys ("data.path") of an unlocked ConfigDict; -> c."""
+  for key, value in values.items():
     node = c
     *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
+    for part in parents:
+      node = node[part]
     node[leaf] = value
   return c
 
@@ -148,3 +153,46 @@ def run_two_processes(*worker_args: str, timeout: float) -> list[str]:
         p.wait()
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
   return outs
+
+
+def tiny_pipeline_train_config(kind: str, pipeline_dir: str, parquet_dir: str, **extra):
+  """configs/sd15.py or sdxl.py sized for a tiny pipeline (32 px, float32); `extra` overrides."""
+  from configs import sd15, sdxl
+
+  c = (sd15 if kind == "sd15" else sdxl).get_config()
+  c.unlock()
+  c.pretrained_path = pipeline_dir
+  c.data.path = parquet_dir
+  c.data.resolution = 32  # Tiny VAE: 32 px -> 16 x 16 latents.
+  c.data.global_batch_size = 16
+  c.data.eval_batch_size = 8
+  c.data.num_threads = 2
+  c.optim.grad_accum = 2
+  c.optim.lr = 1e-4
+  c.max_steps = 3
+  c.log_every = 1
+  c.eval_every = 0
+  c.checkpoint_every = 3
+  # float32 compute and reference so that step 1 is exactly log 2.
+  c.precision.compute_dtype = "float32"
+  c.precision.ref_dtype = "float32"
+  c.mesh.data = 2 if kind == "sdxl" else 8
+  c.mesh.fsdp = 4 if kind == "sdxl" else 1
+  c.fsdp_min_size = 0
+  return _override(c, extra)
+
+
+def torch_unet_inputs(kind: str, cross_attention_dim: int):
+  """Seeded PyTorch UNet inputs (x, t, context, added or None) for the tiny pipelines."""
+  import torch
+
+  torch.manual_seed(0)
+  x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 700])
+  context = torch.randn(2, 77, cross_attention_dim)
+  added = None
+  if kind == "sdxl":
+    added = {
+      "text_embeds": torch.randn(2, 48),
+      "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32], [64.0, 48, 4, 8, 32, 32]]),
+    }
+  return x, t, context, added

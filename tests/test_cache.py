@@ -13,8 +13,7 @@ from dpo_jax import trainer
 from dpo_jax.data import cache, encode, pickapic, pipeline
 from dpo_jax.models import build as build_lib
 from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline
-from tests.fixtures import good_rows, write_parquet
-from tests.test_pretrained_train import config_for
+from tests.fixtures import good_rows, tiny_pipeline_train_config, write_parquet
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,7 @@ def world(tmp_path_factory):
   parquet = root / "parquet"
   parquet.mkdir()
   write_parquet(str(parquet / "train-00000-of-00001.parquet"), good_rows(20)[0])
-  config = config_for("sd15", pipe, str(parquet))
+  config = tiny_pipeline_train_config("sd15", pipe, str(parquet))
   config.data.random_crop = False
   config.data.flip = "none"
   config.data.tfds_dir = str(root / "tfds")

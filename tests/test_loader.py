@@ -25,6 +25,7 @@ from dpo_jax import diffusion  # noqa: E402
 from dpo_jax.models import conditioning, loader  # noqa: E402
 from dpo_jax.models.unet import make_unet_apply  # noqa: E402
 from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline  # noqa: E402
+from tests.fixtures import torch_unet_inputs  # noqa: E402
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -93,17 +94,7 @@ def test_pipeline_metadata(sd15, sdxl):
 def test_unet_parity(kind, request):
   pipe = request.getfixturevalue(kind)
   torch_pipe = request.getfixturevalue(f"torch_{kind}")
-  torch.manual_seed(0)
-  dim = torch_pipe.unet.config.cross_attention_dim
-  x = torch.randn(2, 4, 16, 16)
-  t = torch.tensor([10, 700])
-  context = torch.randn(2, 77, dim)
-  added = None
-  if kind == "sdxl":
-    added = {
-      "text_embeds": torch.randn(2, 48),
-      "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32], [64.0, 48, 4, 8, 32, 32]]),
-    }
+  x, t, context, added = torch_unet_inputs(kind, torch_pipe.unet.config.cross_attention_dim)
   with torch.no_grad():
     want = torch_pipe.unet(x, t, context, added_cond_kwargs=added).sample
   apply = jax.jit(make_unet_apply(pipe.unet))
@@ -127,12 +118,14 @@ def test_sd15_text_encoder_parity(sd15, torch_sd15):
   assert ids[2, -1] == eos  # Truncated at 77 with end-of-text kept last.
   with torch.no_grad():
     want, _ = torch_sd15.encode_prompt(PROMPTS, "cpu", 1, False)
+    want_pooled = torch_sd15.text_encoder(torch.from_numpy(ids).long()).pooler_output
   got, pooled = conditioning.make_prompt_encoder(sd15)(PROMPTS)
-  assert pooled is None
   diff = _max_diff(got, want)
   print(f"sd15 text encoder max abs diff {diff:.2e}")
   assert got.shape == (3, 77, 32)
   assert diff <= TOL
+  # The pooled output (Diffusion-RPO's text embedding) is CLIP's pooler_output.
+  assert pooled.shape == (3, 32) and _max_diff(pooled, want_pooled) <= TOL
 
 
 def test_sdxl_text_encoders_parity(sdxl, torch_sdxl):

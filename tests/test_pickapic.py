@@ -143,6 +143,23 @@ def test_column_mapping_and_row_index_ids(tmp_path):
   assert src[1]["caption"] == b"a red thing number 1"
 
 
+def test_other_shards_never_reuse_a_build(tmp_path):
+  """Same options, same TFDS dir, other (or rewritten) parquet files: a fresh build."""
+  tfds_dir = str(tmp_path / "tfds")
+  for name, n in (("a", 3), ("b", 5)):
+    (tmp_path / name).mkdir()
+    write_parquet(str(tmp_path / name / "train-0.parquet"), good_rows(n)[0])
+  built = {k: pickapic.build_pickapic(str(tmp_path / k), tfds_dir).data_dir for k in "ab"}
+  assert built["a"] != built["b"]
+  assert [len(pickapic.open_split(built[k], "train")) for k in "ab"] == [3, 5]
+  # Rewriting a shard in place (new size / mtime) also invalidates the build.
+  write_parquet(str(tmp_path / "a" / "train-0.parquet"), good_rows(4)[0])
+  rebuilt = pickapic.build_pickapic(str(tmp_path / "a"), tfds_dir).data_dir
+  assert rebuilt != built["a"] and len(pickapic.open_split(rebuilt, "train")) == 4
+  # Unchanged shards reuse the build.
+  assert pickapic.build_pickapic(str(tmp_path / "b"), tfds_dir).data_dir == built["b"]
+
+
 def test_skip_rate_threshold(world, tmp_path):
   with pytest.raises(pickapic.SkipRateError, match=r"31\.2% of 32 rows.*max_skip_rate=20\.0%"):
     pickapic.build_pickapic(str(world["pq_dir"]), str(tmp_path), max_skip_rate=0.2)
@@ -169,7 +186,7 @@ def test_max_examples_subset(world, tmp_path):
   builder = pickapic.build_pickapic(
     str(world["pq_dir"]), str(tmp_path), max_examples=10, max_skip_rate=1.0
   )
-  assert builder.builder_config.name == "max10"
+  assert builder.builder_config.name.startswith("max10_src")
   train = pickapic.load_data_report(builder.data_dir)["splits"]["train"]
   first = [r["ranking_id"] for r in world["rows"][:10]]
   assert train["rows"] == 10

@@ -1,7 +1,15 @@
-"""The planner compiles the full-size SD1.5 step from shapes; its FLOPs match BRIEF §5."""
+"""The planner lowers (and compiles) the full-size steps from shapes; its FLOPs match BRIEF §5."""
 
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from dpo_jax import step as step_lib
 from dpo_jax.tools import plan
 
 
@@ -13,6 +21,7 @@ def test_sd15_plan_flops_match_the_brief(objective, expected_tflops_per_pair):
   config.unlock()
   config.objective = objective
   r = plan.plan(config, "sd15", data=1, fsdp=1)
+  assert r["remat"] == config.model.remat
   # BRIEF §5: 0.79 TFLOP per 64x64 forward; a DPO pair = 8 forward-equivalents.
   assert r["flops_per_pair"] / 1e12 == pytest.approx(expected_tflops_per_pair, rel=0.15)
   assert 850e6 < r["unet_params"] < 870e6  # The 860M SD1.5 UNet.
@@ -21,3 +30,34 @@ def test_sd15_plan_flops_match_the_brief(objective, expected_tflops_per_pair):
   # bf16 reference.
   assert r["reference_bytes_per_device"] == pytest.approx(2 * r["unet_params"], rel=0.01)
   assert r["temp_bytes_per_device"] > 0
+
+
+def test_sdxl_flops_only_plan_matches_the_brief():
+  """Full-size SDXL, lowered but not compiled (~1 min on 2 cores; compiling takes ~13)."""
+  from configs import sdxl
+
+  config = plan.model_flops_config(sdxl.get_config())
+  r = plan.plan(config, "sdxl", data=1, fsdp=1, compile_step=False, remat="none")
+  print(f"SDXL: {r['flops_per_pair'] / 1e12:.2f} TFLOP/pair, lowered in {r['lower_s']:.0f} s")
+  # BRIEF §5: 6.75 TFLOP per 128x128 forward x 8 forward-equivalents = 54 T.
+  assert r["flops_per_pair"] / 1e12 == pytest.approx(54.0, rel=0.15)
+  assert 2.5e9 < r["unet_params"] < 2.65e9  # The 2.6B SDXL UNet.
+  assert r["pairs_per_micro_step"] == 16 and r["grad_accum"] == 128
+  assert math.isnan(r["temp_bytes_per_device"]) and math.isnan(r["compile_s"])
+
+
+def test_lowered_flops_count_the_whole_mesh_and_compiled_one_device():
+  mesh = jax.make_mesh((4,), ("d",), devices=jax.devices()[:4])
+  rows = NamedSharding(mesh, P("d"))
+  fn = jax.jit(
+    lambda a, b: a @ b, in_shardings=(rows, NamedSharding(mesh, P())), out_shardings=rows
+  )
+  m, k, n = 64, 128, 32
+  lowered = fn.lower(
+    jax.ShapeDtypeStruct((m, k), jnp.float32), jax.ShapeDtypeStruct((k, n), jnp.float32)
+  )
+  flops = step_lib.lowered_flops(lowered)
+  # XLA counts a dot as ~2*m*n*k (multiply-adds, minus the first add per output).
+  np.testing.assert_allclose(flops, 2 * m * n * k, rtol=1e-3)
+  # The compiled SPMD program is one device's share.
+  np.testing.assert_allclose(step_lib.compiled_flops(lowered.compile()), flops / 4, rtol=1e-3)

@@ -13,29 +13,13 @@ import pytest
 from dpo_jax import sample
 from dpo_jax.data import encode
 from dpo_jax.models import loader
-from dpo_jax.tools import make_tiny_pipeline
 from dpo_jax.toy import base, prefs, world
 
 
 @pytest.fixture(scope="module")
 def random_toy_pipeline(tmp_path_factory) -> str:
-  """An untrained toy pipeline folder (random weights drawn in numpy: no init compile)."""
-  import diffusers
-  import transformers
-
-  out = str(tmp_path_factory.mktemp("toy_random"))
-  tok = make_tiny_pipeline.write_tokenizer(
-    os.path.join(out, "tokenizer"), max_length=base.MAX_TOKENS
-  )
-  unet = diffusers.FlaxUNet2DConditionModel(**base.UNET_CONFIG)
-  unet_params = make_tiny_pipeline._random_params(
-    jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0)), seed=1
-  )
-  cfg = transformers.CLIPTextConfig(**base.text_encoder_config(len(tok)))
-  text = transformers.FlaxCLIPTextModel(cfg, _do_init=False)
-  text_params = make_tiny_pipeline._random_params(text.params_shape_tree, seed=2)
-  base.write_pipeline(out, unet_params, text_params, len(tok), {"random": True})
-  return out
+  """An untrained toy pipeline folder."""
+  return base.write_random_pipeline(str(tmp_path_factory.mktemp("toy_random")))
 
 
 def test_pixel_space_pipeline_loads_without_vae(random_toy_pipeline):
@@ -208,6 +192,26 @@ def test_reduced_toy_run_dpo_raises_train_prompt_reward(tmp_path):
   print(f"reduced toy run: base {base_r.mean():.3f} -> dpo {dpo_r.mean():.3f}")
   assert dpo_r.mean() > base_r.mean() + 0.02, (base_r.mean(), dpo_r.mean())
 
+  # Style alignment on the same base: DPO on (amber duotone > original) pairs
+  # built from the pairs' images moves fresh samples toward the palette.
+  c.toy.style = "amber_duotone"
+  c.data.path = ""
+  c.max_steps = c.checkpoint_every = REDUCED["style_steps"]
+  c = run.materialize(c)
+  with open(os.path.join(c.data.path, "style_report.json")) as f:
+    assert json.load(f)["splits"]["train"]["pairs_written"] >= 8
+  styled = trainer.train_and_evaluate(c, str(tmp_path / "style"))["state"].params
+  heldout = run.train_and_heldout(c.toy)[1]
+  seeds = list(range(10_000, 10_000 + REDUCED["eval_seeds"]))
+  scored = run.score_models(
+    pipe, {"base": pipe.unet_params, "style": styled}, heldout, seeds, run.sample_settings(c.toy)
+  )
+  prompts = [p.text for p in run.grid_specs(heldout, seeds)[0]]
+  summary = run.summarize(run.style_scores(scored, "amber_duotone"), prompts, "base")
+  print("reduced toy style run (held-out prompts):", summary)
+  assert summary["style"]["mean_reward"] > summary["base"]["mean_reward"] + 0.02
+  assert summary["style"]["vs_base"]["win_rate_ci_low"] > 0.5
+
 
 REDUCED = {
   "base_steps": 100,
@@ -215,5 +219,6 @@ REDUCED = {
   "pair_prompts": 8,
   "sample_steps": 10,
   "dpo_steps": 30,
+  "style_steps": 20,
   "eval_seeds": 6,
 }

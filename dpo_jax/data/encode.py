@@ -50,11 +50,13 @@ def make_tokenize_fn(pipeline: Pipeline) -> Callable[[Sequence[str]], np.ndarray
 
 
 def encode_text(pipeline: Pipeline, params: dict[str, Any], input_ids: jax.Array):
-  """-> (context [B, L, D], pooled [B, P] or None)."""
+  """-> (context [B, L, D], pooled [B, P]): the UNet's context and the pooled prompt.
+
+  pooled is SDXL's `text_embeds` (text_encoder_2, projected); for SD1.5 it is
+  the text encoder's `pooler_output`, which only Diffusion-RPO uses.
+  """
   if pipeline.kind == "sd15":
-    return conditioning.encode_prompt_sd15(
-      pipeline.text_encoder, params["text_encoder"], input_ids
-    ), None
+    return conditioning.encode_prompt_sd15(pipeline.text_encoder, params["text_encoder"], input_ids)
   return conditioning.encode_prompt_sdxl(
     pipeline.text_encoder,
     params["text_encoder"],
@@ -65,15 +67,57 @@ def encode_text(pipeline: Pipeline, params: dict[str, Any], input_ids: jax.Array
   )
 
 
+def _unit(x: jax.Array) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def rpo_pair_embedding(
+  text: jax.Array | None, image_w: jax.Array | None, image_l: jax.Array | None
+) -> jax.Array:
+  """One Diffusion-RPO embedding per pair from frozen-CLIP features ([B, D] each).
+
+  Choices the paper leaves open, made here:
+  - image: a pair is embedded by both of its images, unit(e_w) + unit(e_l), so
+    the embedding does not depend on which image won;
+  - text+image ("cross-modal"): the unit text and unit image embeddings are
+    concatenated, so after the step's normalisation cos(i, j) is the mean of
+    the text cosine and the image cosine. Text and image are never compared
+    with each other, so the text side may be any CLIP text tower (SD's own).
+  """
+  parts = []
+  if text is not None:
+    parts.append(_unit(text))
+  if image_w is not None:
+    parts.append(_unit(_unit(image_w) + _unit(image_l)))
+  if not parts:
+    raise ValueError("rpo_pair_embedding needs text and/or image features.")
+  return jnp.concatenate(parts, axis=-1)
+
+
+# (params, pixels [B, R, R, 3] in [-1, 1]) -> image features [B, D].
+ImageEmbedder = Callable[[Any, jax.Array], jax.Array]
+
+
 def encode_batch(
-  pipeline: Pipeline, params: dict[str, Any], raw: dict[str, jax.Array], resolution: int
+  pipeline: Pipeline,
+  params: dict[str, Any],
+  raw: dict[str, jax.Array],
+  resolution: int,
+  rpo_embedding: str | None = None,
+  image_embedder: ImageEmbedder | None = None,
 ) -> dict[str, Any]:
-  """Pure: raw batch -> {latents_w, latents_l, context[, added_cond]}.
+  """Pure: raw batch -> {latents_w, latents_l, context[, added_cond][, rpo_embeds]}.
 
   Latents are the VAE posterior *mean* (deterministic), so training on raw
   images and on a latent cache sees identical inputs; the SD VAEs' posterior
   std is ~1e-3 of the latent scale, so this drops no meaningful noise. A
   pixel-space pipeline (no VAE) trains on the images themselves, NCHW in [-1, 1].
+
+  rpo_embedding ("text" | "image" | "text+image", objective "rpo" only) adds
+  `rpo_embeds` [B, D] (`rpo_pair_embedding`): the text part is the pipeline's
+  pooled prompt embedding (`encode_text`), the image part comes from
+  `image_embedder` with its params under `params["rpo_clip"]`.
   """
 
   def latents(pixels):
@@ -89,6 +133,15 @@ def encode_batch(
     target = jnp.full_like(raw["original_size"], resolution)
     time_ids = conditioning.add_time_ids(raw["original_size"], raw["crop_top_left"], target)
     out["added_cond"] = conditioning.sdxl_added_cond(pooled, time_ids)
+  if rpo_embedding:
+    image_w = image_l = None
+    if "image" in rpo_embedding:
+      if image_embedder is None:
+        raise ValueError(f"rpo embedding {rpo_embedding!r} needs an image embedder.")
+      image_w = image_embedder(params["rpo_clip"], raw["pixels_w"])
+      image_l = image_embedder(params["rpo_clip"], raw["pixels_l"])
+    text = pooled if "text" in rpo_embedding else None
+    out["rpo_embeds"] = rpo_pair_embedding(text, image_w, image_l)
   return out
 
 
@@ -97,7 +150,7 @@ def empty_prompt_conditioning(pipeline: Pipeline) -> dict[str, np.ndarray]:
   ids = make_tokenize_fn(pipeline)([""])
   context, pooled = encode_text(pipeline, frozen_params(pipeline), jnp.asarray(ids))
   out = {"context": np.asarray(context[0])}
-  if pooled is not None:
+  if pipeline.kind == "sdxl":
     out["text_embeds"] = np.asarray(pooled[0])
   return out
 

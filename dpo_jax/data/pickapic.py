@@ -408,6 +408,16 @@ def _ordered_map(
     yield head, future.result()
 
 
+def source_fingerprint(parquet_dir: str) -> str:
+  """8 hex digits over the shards' absolute paths, sizes and modification times."""
+  entries = [
+    (os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns)
+    for files in split_files(parquet_dir).values()
+    for f in files
+  ]
+  return hashlib.sha1(json.dumps(sorted(entries)).encode()).hexdigest()[:8]
+
+
 def build_pickapic(
   parquet_dir: str,
   data_dir: str,
@@ -429,7 +439,11 @@ def build_pickapic(
     MissingColumnError: a configured column is absent from some shard.
     SkipRateError: a split's defect rate exceeds `max_skip_rate`.
   """
-  config = config or make_config(**options)
+  if config is None:
+    config = make_config(**options)
+    # The build is reused by name: tie it to these exact shards, so a workdir
+    # pointed at other (or rewritten) parquet files never reads a stale build.
+    config = dataclasses.replace(config, name=f"{config.name}_src{source_fingerprint(parquet_dir)}")
   builder = PickAPicV2(config=config, data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=parquet_dir))
   # The threshold is not part of the config name, so an earlier build made

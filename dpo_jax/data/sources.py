@@ -64,6 +64,11 @@ def _cache(config: ml_collections.ConfigDict) -> Data:
   """Latents and text embeddings precomputed by `python -m dpo_jax.data.cache`."""
   from dpo_jax.data import cache
 
+  if config.objective == "rpo":
+    raise ValueError(
+      "objective 'rpo' with data.source='cache': the latent cache holds no pooled CLIP "
+      "embeddings for the RPO weights; train RPO with data.source='pickapic'."
+    )
   if not config.data.cache_dir:
     raise ValueError("data.source='cache' needs config.data.cache_dir.")
   arrays, uncond, info = cache.read_cache(config.data.cache_dir)
@@ -107,6 +112,10 @@ def _synthetic(config: ml_collections.ConfigDict) -> Data:
   held = synthetic.make_synthetic_pairs(
     num_examples=data.eval_batch_size, seed=config.seed + 1, **common
   )
+  if config.objective == "rpo":
+    # The synthetic prompt embedding: the mean of its random token table.
+    for arrays in (train, held):
+      arrays["rpo_embeds"] = arrays["context"].mean(axis=1)
   eval_batch = _local_rows(held)
   # The synthetic "text encoder" is a random table; the empty prompt is zeros.
   uncond = {"context": np.zeros((data.seq_len, m.cross_attention_dim), np.float32)}
@@ -189,13 +198,32 @@ def _pickapic(config: ml_collections.ConfigDict, models: Models, workdir: str) -
   eval_batch = next(ev)
   ev.close()
 
+  rpo_embedding, image_embedder, frozen = None, None, encode.frozen_params(pipe)
+  if config.objective == "rpo":
+    rpo_embedding = config.rpo.embedding
+    if "image" in rpo_embedding:
+      image_embedder, frozen["rpo_clip"] = _rpo_image_embedder(config)
+
   def encoder(frozen, raw):
-    return encode.encode_batch(pipe, frozen, raw, data.resolution)
+    return encode.encode_batch(pipe, frozen, raw, data.resolution, rpo_embedding, image_embedder)
 
   return Data(
     train=train,
     eval_batch=eval_batch,
     uncond=encode.empty_prompt_conditioning(pipe),
     encoder=encoder,
-    frozen=encode.frozen_params(pipe),
+    frozen=frozen,
   )
+
+
+def _rpo_image_embedder(config: ml_collections.ConfigDict) -> tuple[encode.ImageEmbedder, Any]:
+  """The frozen CLIP image tower of `config.rpo.clip_path` for RPO's image embeddings."""
+  from dpo_jax import scorers
+
+  if not config.rpo.clip_path:
+    raise ValueError(
+      f"rpo.embedding={config.rpo.embedding!r} needs rpo.clip_path: a CLIP model folder "
+      "(transformers format: config.json + model.safetensors or flax_model.msgpack) whose "
+      "image tower embeds the pair images."
+    )
+  return scorers.clip_image_embedder(config.rpo.clip_path)

@@ -7,6 +7,9 @@ Two sources, chosen by `config.pretrained_path`:
     disk (`models.loader`). The folder's scheduler config wins over
     `config.scheduler` (the UNet was trained with it), and its UNet config
     over `config.model`.
+
+`config.model.remat` applies to either: it changes how the backward pass stores
+activations, not the architecture or the parameter tree.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ class Models:
   """The trained model's definition and how to get its initial parameters.
 
   Attributes:
-    unet: Flax UNet module (compute dtype from `config.precision`).
+    unet: Flax UNet module (compute dtype from `config.precision`, remat
+      policy from `config.model.remat`).
     init_params: rng -> float32 params (random init); jit it with
       out_shardings so full-size parameters are created shard by shard.
     pretrained_params: loaded float32 params (host/default device), or None.
@@ -56,6 +60,7 @@ def build_models(config: ml_collections.ConfigDict, with_encoders: bool | None =
       needs only the UNet and the scheduler.
   """
   compute = config.precision.compute_dtype
+  remat = config.model.remat
   if with_encoders is None:
     with_encoders = config.data.source != "cache"
   if not config.pretrained_path:
@@ -69,6 +74,7 @@ def build_models(config: ml_collections.ConfigDict, with_encoders: bool | None =
     )
   if not with_encoders:
     unet, params = loader.load_unet(os.path.join(config.pretrained_path, "unet"), dtype=compute)
+    unet = unet_lib.with_remat(unet, remat)
     return Models(
       unet=unet,
       init_params=lambda rng: unet_lib.init_unet_params(unet, rng),
@@ -80,6 +86,8 @@ def build_models(config: ml_collections.ConfigDict, with_encoders: bool | None =
     )
   pipeline = loader.load_pipeline(config.pretrained_path, dtype=compute)
   params = pipeline.unet_params
+  # Only the trained UNet rematerialises; the pipeline's (sampling) stays stock.
+  unet = unet_lib.with_remat(pipeline.unet, remat)
   logging.info(
     "Loaded %s pipeline from %s (UNet %.1fM params, prediction_type=%s).",
     pipeline.kind,
@@ -88,8 +96,8 @@ def build_models(config: ml_collections.ConfigDict, with_encoders: bool | None =
     pipeline.scheduler_config.get("prediction_type"),
   )
   return Models(
-    unet=pipeline.unet,
-    init_params=lambda rng: unet_lib.init_unet_params(pipeline.unet, rng),
+    unet=unet,
+    init_params=lambda rng: unet_lib.init_unet_params(unet, rng),
     pretrained_params=params,
     scheduler_config=dict(pipeline.scheduler_config),
     pipeline=pipeline,

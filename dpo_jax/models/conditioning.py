@@ -61,8 +61,10 @@ def _run_text_encoder(text_encoder: Any, params: Params, input_ids: jax.Array) -
   )
 
 
-def encode_prompt_sd15(text_encoder: Any, params: Params, input_ids: jax.Array) -> jax.Array:
-  """SD1.5 context: the final (layer-normed) hidden state.
+def encode_prompt_sd15(
+  text_encoder: Any, params: Params, input_ids: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """SD1.5 context: the final (layer-normed) hidden state, and CLIP's pooled output.
 
   Args:
     text_encoder: Flax CLIP text module (`Pipeline.text_encoder`).
@@ -70,9 +72,12 @@ def encode_prompt_sd15(text_encoder: Any, params: Params, input_ids: jax.Array) 
     input_ids: [B, L] int token ids from `tokenize`.
 
   Returns:
-    context [B, L, D] (D = 768 for CLIP ViT-L).
+    context [B, L, D] (D = 768 for CLIP ViT-L);
+    pooled [B, D]: the end-of-text token's final state (CLIP's `pooler_output`,
+      unused by the SD1.5 UNet; Diffusion-RPO embeds prompts with it).
   """
-  return _run_text_encoder(text_encoder, params, input_ids).last_hidden_state
+  out = _run_text_encoder(text_encoder, params, input_ids)
+  return out.last_hidden_state, out.pooler_output
 
 
 def encode_prompt_sdxl(
@@ -134,7 +139,7 @@ def sdxl_added_cond(text_embeds: jax.Array, time_ids: jax.Array) -> dict[str, ja
 def make_prompt_encoder(
   pipeline: Any,
 ) -> Callable[[Sequence[str]], tuple[jax.Array, jax.Array | None]]:
-  """`encode(prompts) -> (context, pooled or None for SD1.5)` for a loaded `Pipeline`.
+  """`encode(prompts) -> (context, pooled)` for a loaded `Pipeline` (see `encode_prompt_*`).
 
   Build it once and reuse it: the encoder(s) are jitted here, closing over the
   modules (transformers' Flax CLIP modules hold an unhashable config, so they
@@ -146,7 +151,7 @@ def make_prompt_encoder(
 
     def encode(prompts):
       ids = tokenize(pipeline.tokenizer, prompts)
-      return encode_ids(pipeline.text_encoder_params, ids), None
+      return encode_ids(pipeline.text_encoder_params, ids)
 
     return encode
 

@@ -243,6 +243,14 @@ def _diffusers_rename(pt_key: str, tensor: np.ndarray, expected: dict) -> tuple:
     return flax_key, tensor.T
 
 
+def diffusers_rename(pt_key: str, tensor: Any, expected: dict) -> tuple:
+  """Public form of the UNet / VAE rule: `(pt_key, tensor, expected) -> (Flax path, tensor)`.
+
+  `dpo_jax.export` runs it backwards (Flax -> PyTorch names and layouts).
+  """
+  return _diffusers_rename(pt_key, tensor, expected)
+
+
 def _transformers_rename(prefix: str) -> RenameFn:
   """transformers' PyTorch -> Flax rule for one tensor (CLIP text encoders)."""
 

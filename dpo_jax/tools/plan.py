@@ -2,17 +2,29 @@
 
   python -m dpo_jax.tools.plan --config=configs/sdxl.py --mesh=data=1,fsdp=8
 
+  python -m dpo_jax.tools.plan --config=configs/sdxl.py --mesh=data=1,fsdp=1 --flops_only
+
 Builds the UNet of `--kind` (default: from the config name) from its published
-architecture (`models.architectures`), derives parameters, optimizer state and
-shardings with `jax.eval_shape` (no weights are created or loaded), then
+architecture (`models.architectures`) with the config's `model.remat` and
+`model.use_memory_efficient_attention`, derives parameters, optimizer state
+and shardings with `jax.eval_shape` (no weights are created or loaded), then
 ahead-of-time lowers and compiles one optimizer micro-step of the configured
 objective on forced host CPU devices (`--xla_force_host_platform_device_count`)
 and prints, per device: parameter + optimizer bytes, frozen-reference bytes,
-XLA's temp (activation) memory, and FLOPs per step and per pair. With
-gradient accumulation the step is planned for one micro-batch
-(global_batch_size / grad_accum pairs); a full optimizer step is grad_accum
-of them. CPU compilation only estimates accelerator memory: layouts, fusion
-and remat decisions differ on TPU/GPU.
+XLA's temp (activation) memory, and FLOPs per step and per pair. With gradient
+accumulation the step is planned for one micro-batch (global_batch_size /
+grad_accum pairs); a full optimizer step is grad_accum of them. CPU
+compilation only estimates accelerator memory: layouts, fusion and scheduling
+differ on TPU/GPU (for SD1.5 the CPU estimate has been well above the
+activation memory measured on an H200).
+
+FLOPs are XLA's count of the lowered (unoptimised) HLO (`step.lowered_flops`),
+so they include every convolution and matmul whatever the backend, and with
+remat the recomputed forward; a loop body (chunked attention's `lax.map`)
+counts once. `--flops_only` stops after lowering (about a minute for SDXL,
+instead of ~13 to compile) and plans the step with plain attention and,
+unless `--remat` says otherwise, without remat: model FLOPs, the numerator
+of MFU.
 """
 
 from __future__ import annotations
@@ -48,6 +60,13 @@ from dpo_jax import step as step_lib  # noqa: E402
 from dpo_jax.models import architectures  # noqa: E402
 from dpo_jax.models import unet as unet_lib  # noqa: E402
 
+# XLA:CPU expands the optimization barriers that keep a rematerialised forward
+# apart from the original (pass "cse_barrier_expander") before CSE, which then
+# merges the two: remat is undone and the CPU temp estimate ignores it. Keeping
+# the barriers, as the GPU and TPU compilers do until scheduling, makes the
+# estimate reflect remat. CPU only: the plan's devices are forced host devices.
+CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
 
 def _bytes_per_device(abstract: Any, shardings: Any) -> float:
   total = 0.0
@@ -57,10 +76,33 @@ def _bytes_per_device(abstract: Any, shardings: Any) -> float:
   return total
 
 
-def plan(config: ml_collections.ConfigDict, kind: str, data: int, fsdp: int) -> dict[str, Any]:
-  """Lowers and compiles one micro-step; returns per-device bytes and FLOPs."""
+def plan(
+  config: ml_collections.ConfigDict,
+  kind: str,
+  data: int,
+  fsdp: int,
+  compile_step: bool = True,
+  remat: str | None = None,
+) -> dict[str, Any]:
+  """Lowers (and unless `compile_step` is False, compiles) one micro-step.
+
+  Args:
+    config: the run config.
+    kind: a key of `models.architectures.ARCHITECTURES`.
+    data, fsdp: the mesh (the first data*fsdp devices of this process).
+    compile_step: also compile, for XLA's temp memory; False plans FLOPs only.
+    remat: remat policy of the trained UNet; None = `config.model.remat`.
+
+  Returns:
+    Per-device bytes and FLOPs (temp bytes NaN without compiling), timings.
+  """
+  remat = config.model.remat if remat is None else remat
   unet_cfg, side, tokens, pooled = architectures.ARCHITECTURES[kind]
-  unet = unet_lib.unet_from_config(unet_cfg, config.precision.compute_dtype)
+  # The published architecture, with the config's choices of how to compute it.
+  unet_cfg = dict(
+    unet_cfg, use_memory_efficient_attention=config.model.use_memory_efficient_attention
+  )
+  unet = unet_lib.unet_from_config(unet_cfg, config.precision.compute_dtype, remat=remat)
   # The first data*fsdp devices, so a small plan also runs in a process with more.
   mesh = sharding.make_mesh(data, fsdp, jax.devices()[: data * fsdp])
   accum = config.optim.grad_accum
@@ -79,6 +121,7 @@ def plan(config: ml_collections.ConfigDict, kind: str, data: int, fsdp: int) -> 
   spec = step_lib.build_step_spec(c, unet_lib.make_unet_apply(unet), tx, lr_fn, uncond)
   rules = [tuple(r) for r in c.sharding_rules]
 
+  t0 = time.perf_counter()
   abstract_params = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
   abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), abstract_params)
   state_sh = sharding.tree_shardings(abstract_state, mesh, rules, c.fsdp_min_size)
@@ -98,27 +141,50 @@ def plan(config: ml_collections.ConfigDict, kind: str, data: int, fsdp: int) -> 
     }
   batch_shs = jax.tree.map(lambda _: batch_sh, batch)
   fn = step_lib.jit_train_step(spec, state_sh, state_sh.params, batch_shs, repl)
-  t0 = time.perf_counter()
   lowered = fn.lower(abstract_state, abstract_ref, batch, jax.random.PRNGKey(0))
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  flops_device = step_lib.compiled_flops(compiled)
+  # The lowered HLO is not yet partitioned: these are the whole mesh's FLOPs.
+  flops_global = step_lib.lowered_flops(lowered)
+  lower_s = time.perf_counter() - t0
+  temp_bytes, compile_s = float("nan"), float("nan")
+  if compile_step:
+    t0 = time.perf_counter()
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    compiled = lowered.compile(compiler_options=CPU_COMPILER_OPTIONS if on_cpu else None)
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    temp_bytes = float(getattr(mem, "temp_size_in_bytes", float("nan")))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
   return {
     "kind": kind,
     "objective": c.objective,
+    "remat": remat,
+    "memory_efficient_attention": bool(config.model.use_memory_efficient_attention),
     "mesh": {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"]},
     "unet_params": n_params,
     "pairs_per_micro_step": micro,
     "grad_accum": accum,
     "param_and_opt_bytes_per_device": _bytes_per_device(abstract_state, state_sh),
     "reference_bytes_per_device": _bytes_per_device(abstract_ref, state_sh.params),
-    "temp_bytes_per_device": float(getattr(mem, "temp_size_in_bytes", float("nan"))),
-    "flops_per_device_per_micro_step": flops_device,
-    "flops_per_pair": flops_device * mesh.size / micro,
+    "temp_bytes_per_device": temp_bytes,
+    "flops_per_device_per_micro_step": flops_global / mesh.size,
+    "flops_per_pair": flops_global / micro,
+    "flops_source": "lowered HLO (step.lowered_flops)",
+    "lower_s": lower_s,
     "compile_s": compile_s,
   }
+
+
+def model_flops_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose lowered step has the model's FLOPs (the MFU numerator).
+
+  Plain attention instead of diffusers' query-chunked one: XLA's cost analysis
+  counts a loop body once, so the chunked version's `lax.map` loops would be
+  undercounted (SD1.5 DPO: 5.3 instead of 6.3 T per pair). Remat is chosen
+  separately (`plan(remat=...)`).
+  """
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.model.use_memory_efficient_attention = False
+  return c
 
 
 def _gib(x: float) -> str:
@@ -132,18 +198,33 @@ def main(argv: list[str]) -> None:
   config = flags.FLAGS.config
   parts = dict(p.split("=") for p in flags.FLAGS.mesh.split(","))
   kind = flags.FLAGS.kind or ("sdxl" if "sdxl" in flags.FLAGS["config"].config_filename else "sd15")
-  r = plan(config, kind, int(parts.get("data", 1)), int(parts.get("fsdp", 1)))
+  flops_only = flags.FLAGS.flops_only
+  # FLOPs-only plans model FLOPs (no remat recompute) unless --remat is given.
+  remat = flags.FLAGS.remat or ("none" if flops_only else None)
+  if flops_only:
+    config = model_flops_config(config)
+  r = plan(
+    config,
+    kind,
+    int(parts.get("data", 1)),
+    int(parts.get("fsdp", 1)),
+    compile_step=not flops_only,
+    remat=remat,
+  )
+  per_step = r["flops_per_pair"] * r["pairs_per_micro_step"] * r["grad_accum"]
+  temp = "not compiled (--flops_only)" if flops_only else _gib(r["temp_bytes_per_device"])
   print(
-    f"{kind} {r['objective']} mesh data={r['mesh']['data']} fsdp={r['mesh']['fsdp']}: "
-    f"UNet {r['unet_params'] / 1e6:.0f}M params\n"
+    f"{kind} {r['objective']} mesh data={r['mesh']['data']} fsdp={r['mesh']['fsdp']}"
+    f" remat={r['remat']} mem_eff_attn={r['memory_efficient_attention']}:"
+    f" UNet {r['unet_params'] / 1e6:.0f}M params\n"
     f"  params + optimizer state / device: {_gib(r['param_and_opt_bytes_per_device'])}\n"
     f"  frozen reference / device:         {_gib(r['reference_bytes_per_device'])}\n"
-    f"  XLA temp (activations) / device:   {_gib(r['temp_bytes_per_device'])}"
+    f"  XLA temp (activations) / device:   {temp}"
     f" (micro-step of {r['pairs_per_micro_step']} pairs)\n"
-    f"  FLOPs / pair: {r['flops_per_pair'] / 1e12:.2f} T;"
-    f" per optimizer step ({r['grad_accum']} micro-steps):"
-    f" {r['flops_per_pair'] * r['pairs_per_micro_step'] * r['grad_accum'] / 1e15:.2f} PFLOP\n"
-    f"  compiled in {r['compile_s']:.0f} s"
+    f"  FLOPs / pair (lowered HLO): {r['flops_per_pair'] / 1e12:.2f} T;"
+    f" per optimizer step ({r['grad_accum']} micro-steps): {per_step / 1e15:.2f} PFLOP\n"
+    f"  lowered in {r['lower_s']:.0f} s"
+    + ("" if flops_only else f", compiled in {r['compile_s']:.0f} s")
   )
   if flags.FLAGS.out:
     with open(flags.FLAGS.out, "w") as f:
@@ -157,6 +238,8 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Training config.", lock_config=True)
   flags.DEFINE_string("mesh", "data=1,fsdp=8", "Mesh as data=D,fsdp=F (forced CPU devices).")
   flags.DEFINE_string("kind", "", "sd15 | sdxl (default: from the config file name).")
+  flags.DEFINE_bool("flops_only", False, "Lower only (no compile, no temp memory): fast FLOPs.")
+  flags.DEFINE_string("remat", "", "Remat policy override (default: config; none if flops_only).")
   flags.DEFINE_string("out", "", "Optional JSON output path.")
   flags.mark_flags_as_required(["config"])
   app.run(main)

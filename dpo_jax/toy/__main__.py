@@ -1,6 +1,6 @@
-"""The full toy comparison: base vs DPO vs SFT on held-out prompts.
+"""The full toy comparison: base vs DPO vs SFT vs RPO on held-out prompts, and style alignment.
 
-  python -m dpo_jax.toy --output=runs/toy_compare [--config.toy.base_steps=...]
+  python -m dpo_jax.toy --output=runs/toy_compare [--objectives=dpo,sft,rpo,style]
 
 Builds (or reuses from the cache) the toy base and its preference pairs,
 fine-tunes the base with each objective through the real trainer
@@ -8,7 +8,9 @@ fine-tunes the base with each objective through the real trainer
 the same prompts and seeds, scores the images with the toy reward and writes
 to --output:
   results.json   per model: mean reward (95 % CI), win rate vs base (95 % CI,
-                 prompt-clustered bootstrap), strict win rate; DPO vs SFT; settings
+                 prompt-clustered bootstrap), strict win rate; DPO vs SFT and
+                 RPO vs DPO; the style score table ("style": DPO on the
+                 `--config.toy.style` preference set); settings
   report.md      the table and the grid, plus the data / timing facts
   grid.png       held-out prompts (rows) x seeds, one block of columns per model
   images/        every generated image as PNG, and images/metadata.jsonl with
@@ -21,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -44,8 +47,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _OUTPUT = flags.DEFINE_string("output", "runs/toy_compare", "Where results, report and images go.")
 _OBJECTIVES = flags.DEFINE_list(
-  "objectives", ["dpo", "sft"], "Fine-tunes to compare with the base."
+  "objectives",
+  ["dpo", "sft", "rpo", "style"],
+  "Fine-tunes to compare with the base: dpo, sft, rpo (on the reward pairs) and style (DPO "
+  "on the style preference set of --config.toy.style, default amber_duotone).",
 )
+_DEFAULT_STYLE = "amber_duotone"
 _GRID_SEEDS = 6
 _SCALE = 4  # Grid upsampling (nearest) so 16 px images are visible.
 
@@ -62,17 +69,25 @@ def write_images(
   split: str,
   meta,
 ) -> None:
-  """PNG per image under out_dir/images/<model>/, one metadata line each."""
+  """PNG per image under out_dir/images/<model>/, one metadata line each.
+
+  Lines go to `meta` (all models, paths relative to out_dir) and to
+  images/<model>/metadata.jsonl (paths relative to that folder), so each model
+  folder is also a `python -m dpo_jax.sample`-style folder that
+  `python -m dpo_jax.evaluate --samples=...` scores.
+  """
   from PIL import Image
 
   for model, (images, rewards) in scored.items():
     folder = os.path.join(out_dir, "images", model)
     os.makedirs(folder, exist_ok=True)
-    for img, r, p, s in zip(images, rewards, prompts, seeds):
-      name = f"{split}_{_slug(p)}_{s}.png"
-      Image.fromarray(img).save(os.path.join(folder, name))
-      row = {"model": model, "split": split, "prompt": p, "seed": int(s)}
-      meta.write(json.dumps({**row, "file": f"images/{model}/{name}", "reward": float(r)}) + "\n")
+    with open(os.path.join(folder, "metadata.jsonl"), "a") as own:
+      for img, r, p, s in zip(images, rewards, prompts, seeds):
+        name = f"{split}_{_slug(p)}_{s}.png"
+        Image.fromarray(img).save(os.path.join(folder, name))
+        row = {"model": model, "split": split, "prompt": p, "seed": int(s), "reward": float(r)}
+        meta.write(json.dumps({**row, "file": f"images/{model}/{name}"}) + "\n")
+        own.write(json.dumps({**row, "file": name}) + "\n")
 
 
 def make_grid(
@@ -105,14 +120,25 @@ def report_markdown(results: dict[str, Any], models: Sequence[str], heldout: Seq
     table,
     "",
   ]
-  if "dpo_vs_sft" in results:
-    d = results["dpo_vs_sft"]
-    verdict = "beats" if d["win_rate_ci_low"] > 0.5 else "does not clearly beat"
-    lines += [
-      f"DPO vs SFT on held-out prompts: win rate {d['win_rate']:.2f} "
-      f"[{d['win_rate_ci_low']:.2f}, {d['win_rate_ci_high']:.2f}], so DPO {verdict} SFT here.",
-      "",
-    ]
+  for a, b in (("dpo", "sft"), ("rpo", "dpo")):
+    if f"{a}_vs_{b}" in results:
+      d = results[f"{a}_vs_{b}"]
+      verdict = "beats" if d["win_rate_ci_low"] > 0.5 else "does not clearly beat"
+      lines += [
+        f"{a.upper()} vs {b.upper()} on held-out prompts: win rate {d['win_rate']:.2f} "
+        f"[{d['win_rate_ci_low']:.2f}, {d['win_rate_ci_high']:.2f}], so {a.upper()} {verdict} "
+        f"{b.upper()} here.",
+        "",
+      ]
+  style = {k: v for k, v in results["style"].items() if k != "name"}
+  lines += [
+    f"Style alignment: `style` is DPO on (image in {results['style']['name']} > original) pairs "
+    "built from the reward pairs' images; style score = share of colour on the palette "
+    "(`dpo_jax.data.style`).",
+    "",
+    run.format_table(style, metric="style score"),
+    "",
+  ]
   lines += [
     "Held-out prompts (never in pretraining or preference data; every word is): "
     + "; ".join(heldout),
@@ -146,20 +172,26 @@ def main(argv: list[str]) -> None:
   toy = config.toy
 
   params = {}
-  for objective in _OBJECTIVES.value:
+  style_name = toy.style or _DEFAULT_STYLE
+  for name in _OBJECTIVES.value:
     c = copy.deepcopy(config)
-    c.objective = objective
+    c.toy.style = ""
+    c.objective = name
+    if name == "style":
+      c.objective = "dpo"
+      c.data.path = run.ensure_style_pairs(config.data.path, style_name)
     t0 = time.perf_counter()
-    result = trainer.train_and_evaluate(c, os.path.join(out_dir, objective))
-    params[objective] = result["state"].params
-    timings[f"train_{objective}"] = time.perf_counter() - t0
+    result = trainer.train_and_evaluate(c, os.path.join(out_dir, name))
+    params[name] = result["state"].params
+    timings[f"train_{name}"] = time.perf_counter() - t0
 
   pipeline = loader.load_pipeline(config.pretrained_path)
   models = {"base": pipeline.unet_params, **params}
   settings = run.sample_settings(toy)
   train_specs, heldout = run.train_and_heldout(toy)
-  rewards, all_scored = {}, {}
+  rewards, style, all_scored = {}, {}, {}
   t0 = time.perf_counter()
+  shutil.rmtree(os.path.join(out_dir, "images"), ignore_errors=True)  # A previous run's.
   with open(os.path.join(out_dir, "images_metadata.tmp"), "w") as meta:
     for split, specs, seeds in (
       ("heldout_prompts", heldout, run.eval_seeds(toy)),
@@ -169,6 +201,7 @@ def main(argv: list[str]) -> None:
       grid_specs, grid_seeds = run.grid_specs(specs, seeds)
       prompts = [s.text for s in grid_specs]
       rewards[split] = run.summarize({k: v[1] for k, v in scored.items()}, prompts, "base")
+      style[split] = run.summarize(run.style_scores(scored, style_name), prompts, "base")
       write_images(out_dir, scored, prompts, grid_seeds, split, meta)
       all_scored[split] = (scored, prompts, len(specs), len(seeds))
   os.replace(
@@ -177,9 +210,10 @@ def main(argv: list[str]) -> None:
   timings["evaluation"] = time.perf_counter() - t0
 
   scored, prompts, n_prompts, n_seeds = all_scored["heldout_prompts"]
-  results = {"rewards": rewards, "timings_s": timings}
-  if "dpo" in scored and "sft" in scored:
-    results["dpo_vs_sft"] = stats.compare(scored["dpo"][1], scored["sft"][1], prompts)
+  results = {"rewards": rewards, "style": {"name": style_name, **style}, "timings_s": timings}
+  for a, b in (("dpo", "sft"), ("rpo", "dpo")):
+    if a in scored and b in scored:
+      results[f"{a}_vs_{b}"] = stats.compare(scored[a][1], scored[b][1], prompts)
   with open(os.path.join(config.data.path, "pairs_report.json")) as f:
     results["pairs"] = {k: v for k, v in json.load(f).items() if k != "settings"}
   with open(os.path.join(config.pretrained_path, "toy_base.json")) as f:
@@ -191,6 +225,7 @@ def main(argv: list[str]) -> None:
   with open(os.path.join(out_dir, "report.md"), "w") as f:
     f.write(report_markdown(results, list(models), [s.text for s in heldout]))
   print(run.format_table(rewards))
+  print(run.format_table(style, metric=f"{style_name} style score"))
   print(f"Wrote {out_dir}/report.md, results.json, grid.png, images/")
 
 

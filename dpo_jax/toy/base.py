@@ -119,7 +119,7 @@ def base_loss(
   schedule: Any,
 ) -> jax.Array:
   """Mean v-prediction MSE of UNet + text encoder (both trained) on one batch."""
-  context = conditioning.encode_prompt_sd15(text_encoder, params["text_encoder"], input_ids)
+  context, _ = conditioning.encode_prompt_sd15(text_encoder, params["text_encoder"], input_ids)
   noise, t = diffusion.sample_noise_and_timesteps(
     rng, x0.shape, SCHEDULER_CONFIG["num_train_timesteps"]
   )
@@ -228,4 +228,26 @@ def train_base(output: str, settings: BaseSettings = BaseSettings(), progress=No
     "train_seconds": time.perf_counter() - t0,
   }
   write_pipeline(output, params["unet"], params["text_encoder"], len(tokenizer), extra)
+  return output
+
+
+def write_random_pipeline(output: str, seed: int = 1) -> str:
+  """An untrained toy pipeline folder: random weights drawn in numpy (no init compile).
+
+  For tests and benchmarks that need the toy's structure but not its training.
+  """
+  import diffusers
+  import transformers
+
+  tok = make_tiny_pipeline.write_tokenizer(os.path.join(output, "tokenizer"), max_length=MAX_TOKENS)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    unet = diffusers.FlaxUNet2DConditionModel(**UNET_CONFIG)
+    text = transformers.FlaxCLIPTextModel(
+      transformers.CLIPTextConfig(**text_encoder_config(len(tok))), _do_init=False
+    )
+  abstract_unet = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
+  unet_params = make_tiny_pipeline._random_params(abstract_unet, seed=seed)
+  text_params = make_tiny_pipeline._random_params(text.params_shape_tree, seed=seed + 1)
+  write_pipeline(output, unet_params, text_params, len(tok), {"random": True, "seed": seed})
   return output

@@ -33,6 +33,7 @@ from absl import logging
 from tqdm import tqdm
 
 from dpo_jax import sample, stats
+from dpo_jax.data import style as style_lib
 from dpo_jax.models import loader
 from dpo_jax.toy import base, prefs, reward, world
 
@@ -206,24 +207,43 @@ def ensure_pairs(toy: ml_collections.ConfigDict, base_path: str) -> str:
   return _build_once(final, build)
 
 
+def ensure_style_pairs(pairs_path: str, style_name: str) -> str:
+  """Style preference set (`data.style`) over every distinct image of the toy pairs."""
+  final = f"{pairs_path}-style-{style_name}"
+
+  def build(tmp):
+    report = style_lib.build_style_pairs(pairs_path, tmp, style_name)
+    logging.info("Toy style pairs: %s", report["splits"])
+
+  return _build_once(final, build)
+
+
 def materialize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of a toy config with the base pipeline and pair data filled in.
 
   `pretrained_path` / `data.path` given on the command line are kept (e.g. a
-  base built elsewhere); empty ones are built or reused from the cache.
+  base built elsewhere); empty ones are built or reused from the cache. With
+  `toy.style` set the training data is that style's preference set built from
+  the toy pairs' images (`data.style`).
   """
   config = copy.deepcopy(config)
-  if jax.process_index() == 0:
-    base_path = config.pretrained_path or ensure_base(config.toy)
-    data_path = config.data.path or ensure_pairs(config.toy, base_path)
+  toy = config.toy
+
+  def resolve() -> tuple[str, str]:
+    base_path = config.pretrained_path or ensure_base(toy)
+    if config.data.path:
+      return base_path, config.data.path
+    pairs = ensure_pairs(toy, base_path)
+    return base_path, ensure_style_pairs(pairs, toy.style) if toy.style else pairs
+
   from jax.experimental import multihost_utils
 
+  if jax.process_index() == 0:
+    resolved = resolve()
   multihost_utils.sync_global_devices("dpo_jax_toy_assets")
   if jax.process_index() != 0:
-    base_path = config.pretrained_path or ensure_base(config.toy)
-    data_path = config.data.path or ensure_pairs(config.toy, base_path)
-  config.pretrained_path = base_path
-  config.data.path = data_path
+    resolved = resolve()  # Reads what process 0 built.
+  config.pretrained_path, config.data.path = resolved
   return config
 
 
@@ -266,29 +286,41 @@ def before_after(config: ml_collections.ConfigDict, params: Params) -> dict[str,
   pipeline = loader.load_pipeline(config.pretrained_path)
   settings = sample_settings(toy)
   train_specs, heldout = train_and_heldout(toy)
-  models = {"base": pipeline.unet_params, config.objective: params}
-  result = {}
+  name = f"{config.objective}_{toy.style}" if toy.style else config.objective
+  models = {"base": pipeline.unet_params, name: params}
+  result, style_result = {}, {}
   for split, specs, seeds in (
     ("train_prompts", train_specs, eval_seeds(toy, train_prompts=True)),
     ("heldout_prompts", heldout, eval_seeds(toy)),
   ):
     scored = score_models(pipeline, models, specs, seeds, settings)
-    prompts = grid_specs(specs, seeds)[0]
-    result[split] = summarize(
-      {k: v[1] for k, v in scored.items()}, [p.text for p in prompts], "base"
-    )
+    prompts = [p.text for p in grid_specs(specs, seeds)[0]]
+    result[split] = summarize({k: v[1] for k, v in scored.items()}, prompts, "base")
+    if toy.style:
+      style_result[split] = summarize(style_scores(scored, toy.style), prompts, "base")
   print(format_table(result))
+  if toy.style:
+    print(format_table(style_result, metric=f"{toy.style} style score"))
+    result["style"] = style_result
   return result
+
+
+def style_scores(
+  scored: Mapping[str, tuple[np.ndarray, np.ndarray]], style_name: str
+) -> dict[str, np.ndarray]:
+  """model -> style score of each of its images (`data.style`)."""
+  style = style_lib.get_style(style_name)
+  return {name: style.score(images) for name, (images, _) in scored.items()}
 
 
 def _fmt_ci(lo_hi: Sequence[float]) -> str:
   return f"[{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]"
 
 
-def format_table(result: Mapping[str, Mapping[str, Any]]) -> str:
-  """Markdown table: prompts, model, mean reward, win rate vs base with 95 % CIs."""
+def format_table(result: Mapping[str, Mapping[str, Any]], metric: str = "reward") -> str:
+  """Markdown table: prompts, model, mean `metric`, win rate vs base with 95 % CIs."""
   lines = [
-    "| prompts | model | mean reward [95% CI] | win rate vs base [95% CI] | strict win rate |",
+    f"| prompts | model | mean {metric} [95% CI] | win rate vs base [95% CI] | strict win rate |",
     "|---|---|---|---|---|",
   ]
   for split, models in result.items():

@@ -1,0 +1,100 @@
+"""Periodic in-training evaluation by sampling: fixed prompts and seeds, scored, logged.
+
+Every `config.sample_eval.every` steps (and after the last step) the trainer
+samples `images_per_prompt` images for each prompt of `sample_eval.prompts`
+(`dpo_jax.prompts.load_prompts`: "builtin", "pickapic:DIR[:SPLIT]" or a file)
+with the current UNet params and the same seeds every time, scores them with
+`sample_eval.scorers` (`dpo_jax.scorers`, e.g. "pickscore=/m/PickScore_v1" or
+the model-free "toy_reward,style_amber_duotone"), and writes
+  sample_eval/<scorer>   mean score (TensorBoard + metrics.jsonl via the writer)
+  sample_eval/grid       the image grid (TensorBoard image; also
+                         workdir/sample_eval/step_<step>.png)
+It reuses `sample.generate` and the scorers of `dpo_jax.evaluate`, so these
+numbers are the ones `python -m dpo_jax.sample` + `dpo_jax.evaluate` give for
+a checkpoint of the same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from dpo_jax import prompts as prompts_lib
+from dpo_jax import sample
+
+
+@dataclasses.dataclass(eq=False)
+class SampleEval:
+  """Samples a fixed (prompt, seed) grid, scores it and logs it; see the module docstring."""
+
+  pipeline: Any
+  prompts: list[str]
+  seeds: list[int]
+  settings: sample.SampleSettings
+  scorers: Mapping[str, Any]
+  out_dir: str
+  columns: int
+
+  def __call__(self, step: int, unet_params: Any, writer: Any) -> dict[str, float]:
+    images = sample.generate(self.pipeline, unet_params, self.prompts, self.seeds, self.settings)
+    out = {
+      f"sample_eval/{name}": float(np.mean(scorer(images, self.prompts)))
+      for name, scorer in self.scorers.items()
+    }
+    grid = sample.grid_image(images, self.columns)
+    if jax.process_index() == 0:
+      from PIL import Image
+
+      os.makedirs(self.out_dir, exist_ok=True)
+      Image.fromarray(grid).save(os.path.join(self.out_dir, f"step_{step:07d}.png"))
+    if out:
+      writer.write_scalars(step, out)
+    writer.write_images(step, {"sample_eval/grid": grid[None]})
+    logging.info("Sample eval at step %d: %s", step, out or "(no scorers; grid only)")
+    return out
+
+
+def make_sample_eval(config: ml_collections.ConfigDict, workdir: str) -> SampleEval | None:
+  """The evaluator of `config.sample_eval`, or None when it is off (every == 0)."""
+  from dpo_jax import scorers as scorers_lib
+  from dpo_jax.models import loader
+
+  se = config.sample_eval
+  if not se.every:
+    return None
+  if not config.pretrained_path:
+    raise ValueError(
+      "sample_eval.every > 0 samples images, which needs config.pretrained_path (the text "
+      "encoder(s), VAE and scheduler of a diffusers pipeline folder)."
+    )
+  if jax.process_count() > 1:
+    raise NotImplementedError(
+      "sample_eval runs on one process's devices; with several processes set "
+      "sample_eval.every=0 and evaluate checkpoints with python -m dpo_jax.sample."
+    )
+  prompts = prompts_lib.load_prompts(se.prompts)
+  if se.max_prompts:
+    prompts = prompts[: se.max_prompts]
+  grid_prompts, seeds = sample.prompt_seed_grid(prompts, se.images_per_prompt, se.seed)
+  specs = scorers_lib.parse_scorer_specs(se.scorers) if se.scorers else {}
+  return SampleEval(
+    pipeline=loader.load_pipeline(config.pretrained_path),
+    prompts=grid_prompts,
+    seeds=seeds,
+    settings=sample.SampleSettings(
+      num_inference_steps=se.num_inference_steps,
+      guidance_scale=se.guidance_scale,
+      batch_size=se.batch_size,
+      scheduler=se.scheduler,
+    ),
+    scorers={n: scorers_lib.make_scorer(n, p) for n, p in specs.items()},
+    out_dir=os.path.join(workdir, "sample_eval"),
+    columns=se.images_per_prompt,
+  )
