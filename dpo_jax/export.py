@@ -113,16 +113,13 @@ def pytorch_unet_shapes(unet_dir: str) -> dict[str, tuple[int, ...]]:
   path = loader.find_weights(unet_dir, loader.DIFFUSERS_WEIGHTS)
   if path.endswith(".msgpack"):
     return _torch_unet_shapes(os.path.join(unet_dir, "config.json"))
-  if path.endswith(".safetensors"):
-    return _safetensors_shapes(path)
-  if path.endswith(".safetensors.index.json"):
-    with open(path) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
-    shapes = {}
-    for shard in shards:
-      shapes.update(_safetensors_shapes(os.path.join(unet_dir, shard)))
-    return shapes
-  return {k: v.shape for k, v in loader.read_state_dict(path).items()}  # .bin (needs torch)
+  shapes = {}
+  for f in loader.weight_files(path):
+    if f.endswith(".safetensors"):
+      shapes.update(_safetensors_shapes(f))  # Header only: no tensor is read.
+    else:  # .bin (needs torch)
+      shapes.update({k: v.shape for k, v in loader.read_state_dict(f).items()})
+  return shapes
 
 
 def to_pytorch_state_dict(

@@ -209,14 +209,21 @@ def _torch_load(path: str) -> dict[str, np.ndarray]:
   return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
 
 
+def weight_files(path: str) -> list[str]:
+  """The tensor files behind a weights path: the file itself, or a sharded index's shards."""
+  if not path.endswith(".index.json"):
+    return [path]
+  directory = os.path.dirname(path)
+  shards = sorted(set(_read_json(path)["weight_map"].values()))
+  return [os.path.join(directory, shard) for shard in shards]
+
+
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """PyTorch-named tensors of a `.safetensors`, `.bin` or sharded `*.index.json` file."""
   if path.endswith(".index.json"):
-    weight_map = _read_json(path)["weight_map"]
-    directory = os.path.dirname(path)
     state = {}
-    for shard in sorted(set(weight_map.values())):
-      state.update(read_state_dict(os.path.join(directory, shard)))
+    for shard in weight_files(path):
+      state.update(read_state_dict(shard))
     return state
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Missing file {path}.")
