@@ -1,4 +1,8 @@
-"""Latent cache: resumable writing, equality with the raw-image path, training from it."""
+"""Latent cache: resumable writing, equality with the raw-image path, training from it.
+
+The cache is written with a tiny CLIP folder as `rpo.clip_path`, so it also
+holds Diffusion-RPO's frozen features, and the training run is an RPO run.
+"""
 
 import math
 import os
@@ -10,10 +14,11 @@ import pytest
 
 from dpo_jax import step as step_lib
 from dpo_jax import trainer
-from dpo_jax.data import cache, encode, pickapic, pipeline
+from dpo_jax.data import cache, encode, pickapic, pipeline, sources
 from dpo_jax.models import build as build_lib
 from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline
 from tests.fixtures import good_rows, tiny_pipeline_train_config, write_parquet
+from tests.test_scorers import write_tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +32,7 @@ def world(tmp_path_factory):
   config.data.random_crop = False
   config.data.flip = "none"
   config.data.tfds_dir = str(root / "tfds")
+  config.rpo.clip_path = write_tiny_clip(str(root / "clip"))
   models = build_lib.build_models(config, with_encoders=True)
   cache_dir = str(root / "latents")
   n = cache.write_cache(config, models, cache_dir, shard_size=8)
@@ -70,14 +76,24 @@ def test_cache_and_raw_images_give_the_same_loss(world):
     for r in rows
   ]
   raw["input_ids"] = encode.make_tokenize_fn(pipe)(captions)
-  from_raw = encode.encode_batch(pipe, encode.frozen_params(pipe), raw, 32)
+  frozen = encode.frozen_params(pipe)
+  embedder, frozen["rpo_clip"] = sources.rpo_image_embedder(config)
+  from_raw = encode.encode_batch(pipe, frozen, raw, 32, encode.RPO_FEATURE_KEYS, embedder)
   arrays, _, _ = cache.read_cache(cache_dir)
-  from_cache = cache.to_step_batch({k: jnp.asarray(v[np.asarray(rows)]) for k, v in arrays.items()})
+  flat = {k: jnp.asarray(v[np.asarray(rows)]) for k, v in arrays.items()}
+  from_cache = cache.to_step_batch(flat)
+  assert set(from_cache) == {"latents_w", "latents_l", "context"}
 
   # The encoders saw batches of 8 (cache) and 4 (here): equal up to float
   # reassociation in XLA's batched kernels.
   for k in ("latents_w", "latents_l", "context"):
     np.testing.assert_allclose(from_raw[k], from_cache[k], rtol=1e-5, atol=1e-5)
+  for embedding in ("text", "image", "text+image"):
+    want = encode.with_rpo_embeds(from_raw, embedding)["rpo_embeds"]
+    got = cache.to_step_batch(flat, embedding)["rpo_embeds"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Distinct captions and images give distinct embeddings (not a constant).
+  assert np.ptp(np.asarray(got) @ np.asarray(got).T) > 1e-3
   unet_apply = pipe.unet
   from dpo_jax import optim
   from dpo_jax.models import unet as unet_lib
@@ -99,13 +115,33 @@ def test_cache_and_raw_images_give_the_same_loss(world):
   np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-3)
 
 
-def test_training_from_cache_loads_no_encoders(world, tmp_path):
+def test_cache_without_rpo_features_is_refused_by_name(world):
+  _, _, cache_dir, _ = world
+  arrays, _, _ = cache.read_cache(cache_dir)
+  assert set(cache.select_arrays(arrays, cache_dir, "")).isdisjoint(encode.RPO_FEATURE_KEYS)
+  assert "rpo_image_w" not in cache.select_arrays(arrays, cache_dir, "text")
+  no_clip = {k: v for k, v in arrays.items() if not k.startswith("rpo_image")}
+  assert "rpo_text" in cache.select_arrays(no_clip, cache_dir, "text")
+  with pytest.raises(ValueError, match=r"rpo_image_w.*rpo.clip_path=CLIP_DIR"):
+    cache.select_arrays(no_clip, cache_dir, "text+image")
+
+
+def test_rpo_training_from_cache_loads_no_encoders(world, tmp_path):
   config, _, cache_dir, _ = world
+  config = config.copy_and_resolve_references()
   config.data.source = "cache"
   config.data.cache_dir = cache_dir
+  config.objective = "rpo"
+  config.rpo.embedding = "text+image"
+  config.rpo.clip_path = ""  # The cache already holds the image features.
+  config.optim.grad_accum = 1
   config.max_steps = 2
   config.checkpoint_every = 2
   assert build_lib.build_models(config).pipeline is None
   result = trainer.train_and_evaluate(config, str(tmp_path / "run"))
-  losses = [h["loss"] for h in result["history"]]
-  assert losses[0] == pytest.approx(math.log(2.0), abs=1e-6) and np.isfinite(losses[1])
+  history = result["history"]
+  # RPO's step-0 loss is log 2 like DPO's (policy == reference); the policy
+  # and reference forwards are separate XLA programs whose ~1e-9 rounding
+  # differences beta = 5000 scales up in the off-diagonal terms.
+  assert history[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-5)
+  assert np.isfinite(history[1]["loss"]) and "rpo_neighbours" in history[0]

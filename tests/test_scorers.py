@@ -335,7 +335,7 @@ def test_rpo_clip_image_embedder_matches_torch(clip_dir, torch_clip):
 
   config = make_train_config(**{"objective": "rpo", "rpo.embedding": "image"})
   config.rpo.clip_path = clip_dir
-  fn, p = sources._rpo_image_embedder(config)
+  fn, p = sources.rpo_image_embedder(config)
   np.testing.assert_array_equal(np.asarray(jax.jit(fn)(p, pixels)), np.asarray(got))
   # Other resolutions are resized on device to the crop size.
   assert embed(params, np.zeros((2, 48, 48, 3), np.float32)).shape == got[:2].shape

@@ -125,38 +125,43 @@ def test_encode_batch_adds_rpo_embeds_from_the_pooled_prompt(sd15):
   pixels = rng.uniform(-1, 1, size=(2, 3, 32, 32, 3)).astype(np.float32)
   raw = {"pixels_w": pixels[0], "pixels_l": pixels[1], "input_ids": ids}
   frozen = encode.frozen_params(sd15)
-  out = encode.encode_batch(sd15, frozen, raw, 32, rpo_embedding="text")
+
+  def embeds(embedding, params, embedder=None):
+    feats = encode.encode_batch(sd15, params, raw, 32, encode.rpo_feature_keys(embedding), embedder)
+    return encode.with_rpo_embeds(feats, embedding)["rpo_embeds"]
+
+  out = {"rpo_embeds": embeds("text", frozen)}
   _, pooled = conditioning.make_prompt_encoder(sd15)(captions)
   np.testing.assert_allclose(np.asarray(out["rpo_embeds"]), _unit(pooled), atol=1e-5)
-  assert "rpo_embeds" not in encode.encode_batch(sd15, frozen, raw, 32)
+  plain = encode.encode_batch(sd15, frozen, raw, 32)
+  assert not set(plain) & {"rpo_embeds", *encode.RPO_FEATURE_KEYS}
 
   # text+image with a stand-in image tower: mean colour per image.
   def colour(params, px):
     return params["scale"] * px.mean(axis=(1, 2))
 
   frozen_img = {**frozen, "rpo_clip": {"scale": jnp.float32(2.0)}}
-  both = encode.encode_batch(sd15, frozen_img, raw, 32, "text+image", colour)["rpo_embeds"]
+  both = embeds("text+image", frozen_img, colour)
   want_img = _unit(_unit(pixels[0].mean((1, 2))) + _unit(pixels[1].mean((1, 2))))
   np.testing.assert_allclose(
     np.asarray(both), np.concatenate([_unit(pooled), want_img], -1), atol=1e-5
   )
-  with pytest.raises(ValueError, match="needs an image embedder"):
-    encode.encode_batch(sd15, frozen, raw, 32, "image")
+  with pytest.raises(ValueError, match="need an image embedder"):
+    embeds("image", frozen)
+  with pytest.raises(KeyError, match="rpo_image_w"):
+    encode.with_rpo_embeds(plain, "text+image")
 
 
-def test_data_sources_supply_or_refuse_rpo_embeddings(tmp_path):
+def test_synthetic_source_supplies_rpo_embeddings(tmp_path):
   config = make_train_config(objective="rpo")
   data = sources.make_data(config, None, str(tmp_path))
   batch = next(iter(data.train))
   np.testing.assert_allclose(batch["rpo_embeds"], batch["context"].mean(axis=1), atol=1e-6)
   assert "rpo_embeds" in data.eval_batch
   config.unlock()
-  config.data.source = "cache"
-  with pytest.raises(ValueError, match="latent cache holds no pooled CLIP"):
-    sources.make_data(config, None, str(tmp_path))
   config.rpo.embedding = "image"
   with pytest.raises(ValueError, match="needs rpo.clip_path"):
-    sources._rpo_image_embedder(config)
+    sources.rpo_image_embedder(config)
 
 
 def test_rpo_trains_end_to_end_on_synthetic_pairs(tmp_path):

@@ -13,6 +13,12 @@ several processes, process p writes shards p, p+P, ... Training with
 UNet from `pretrained_path`: the VAE and text encoders are never loaded.
 Augmentation is what a cache gives up (one crop, no flips); that is the
 trade the reference trainers make too.
+
+For Diffusion-RPO the cache also keeps the frozen features behind its pair
+embedding: the pooled prompt embedding (`rpo_text`, always) and, when the
+cache is written with `--config.rpo.clip_path=CLIP_DIR`, that CLIP image
+tower's features of both images (`rpo_image_w/l`), so every `rpo.embedding`
+trains from the cache without loading an encoder.
 """
 
 from __future__ import annotations
@@ -62,7 +68,11 @@ def write_cache(
   res = config.data.resolution
   tokenize = encode.make_tokenize_fn(pipe)
   frozen = encode.frozen_params(pipe)
-  enc = jax.jit(lambda p, raw: encode.encode_batch(pipe, p, raw, res))
+  features, embedder = ("rpo_text",), None
+  if config.rpo.clip_path:
+    features = encode.RPO_FEATURE_KEYS
+    embedder, frozen["rpo_clip"] = sources.rpo_image_embedder(config)
+  enc = jax.jit(lambda p, raw: encode.encode_batch(pipe, p, raw, res, features, embedder))
   os.makedirs(output, exist_ok=True)
   num_shards = -(-n // shard_size)
   for k in range(jax.process_index(), num_shards, jax.process_count()):
@@ -77,6 +87,7 @@ def write_cache(
       "latents_l": out["latents_l"],
       "context": out["context"],
       "example_id": raw["example_id"],
+      **{k: out[k] for k in features},
     }
     if "added_cond" in out:
       arrays["text_embeds"] = out["added_cond"]["text_embeds"]
@@ -90,6 +101,7 @@ def write_cache(
     meta = {f"uncond_{k}": v for k, v in uncond.items()}
     info = {"num_examples": n, "shard_size": shard_size, "resolution": res, "kind": pipe.kind}
     info["pretrained_path"] = config.pretrained_path
+    info["rpo_clip_path"] = config.rpo.clip_path
     np.savez(os.path.join(output, META), info=json.dumps(info), **meta)
   return n
 
@@ -135,11 +147,34 @@ def read_cache(cache_dir: str) -> tuple[dict[str, Any], dict[str, np.ndarray], d
   return arrays, uncond, info
 
 
-def to_step_batch(flat: dict[str, np.ndarray]) -> dict[str, Any]:
-  """Flat cache rows -> the step's batch format (SDXL extras under added_cond)."""
+def select_arrays(arrays: dict[str, Any], cache_dir: str, rpo_embedding: str) -> dict[str, Any]:
+  """The cache arrays a run reads: the RPO features only for `rpo_embedding` ("" = none)."""
+  needed = encode.rpo_feature_keys(rpo_embedding) if rpo_embedding else ()
+  missing = [k for k in needed if k not in arrays]
+  if missing:
+    hint = (
+      "write it with --config.rpo.clip_path=CLIP_DIR"
+      if "rpo_image_w" in missing
+      else "rewrite it with this version of `python -m dpo_jax.data.cache`"
+    )
+    raise ValueError(
+      f"Cache {cache_dir} has no {missing} for rpo.embedding={rpo_embedding!r}: {hint}, "
+      "or train RPO with data.source='pickapic'."
+    )
+  return {k: v for k, v in arrays.items() if k not in encode.RPO_FEATURE_KEYS or k in needed}
+
+
+def to_step_batch(flat: dict[str, Any], rpo_embedding: str = "") -> dict[str, Any]:
+  """Flat cache rows -> the step's batch format (SDXL extras under added_cond).
+
+  rpo_embedding (objective "rpo"): adds `rpo_embeds` from the cached features.
+  """
   out = {k: flat[k] for k in ("latents_w", "latents_l", "context")}
   if "text_embeds" in flat:
     out["added_cond"] = {"text_embeds": flat["text_embeds"], "time_ids": flat["time_ids"]}
+  if rpo_embedding:
+    feats = {k: flat[k] for k in encode.rpo_feature_keys(rpo_embedding) if k in flat}
+    out = encode.with_rpo_embeds({**out, **feats}, rpo_embedding)
   return out
 
 

@@ -98,26 +98,50 @@ def rpo_pair_embedding(
 # (params, pixels [B, R, R, 3] in [-1, 1]) -> image features [B, D].
 ImageEmbedder = Callable[[Any, jax.Array], jax.Array]
 
+# Raw frozen-CLIP features behind `rpo_embeds`, as the encode stage and the
+# latent cache carry them: pooled prompt [B, P], images [B, D] each.
+RPO_FEATURE_KEYS = ("rpo_text", "rpo_image_w", "rpo_image_l")
+
+
+def rpo_feature_keys(embedding: str) -> tuple[str, ...]:
+  """The `RPO_FEATURE_KEYS` an `rpo.embedding` ("text" | "image" | "text+image") needs."""
+  keys = ("rpo_text",) if "text" in embedding else ()
+  return keys + (("rpo_image_w", "rpo_image_l") if "image" in embedding else ())
+
+
+def with_rpo_embeds(batch: dict[str, Any], embedding: str) -> dict[str, Any]:
+  """Replaces the raw RPO features of `batch` by the pair embedding `rpo_embeds`."""
+  missing = [k for k in rpo_feature_keys(embedding) if k not in batch]
+  if missing:
+    raise KeyError(f"rpo.embedding={embedding!r} needs batch features {missing}.")
+  out = {k: v for k, v in batch.items() if k not in RPO_FEATURE_KEYS}
+  text = batch["rpo_text"] if "text" in embedding else None
+  image_w, image_l = (
+    (batch["rpo_image_w"], batch["rpo_image_l"]) if "image" in embedding else (None, None)
+  )
+  out["rpo_embeds"] = rpo_pair_embedding(text, image_w, image_l)
+  return out
+
 
 def encode_batch(
   pipeline: Pipeline,
   params: dict[str, Any],
   raw: dict[str, jax.Array],
   resolution: int,
-  rpo_embedding: str | None = None,
+  rpo_features: Sequence[str] = (),
   image_embedder: ImageEmbedder | None = None,
 ) -> dict[str, Any]:
-  """Pure: raw batch -> {latents_w, latents_l, context[, added_cond][, rpo_embeds]}.
+  """Pure: raw batch -> {latents_w, latents_l, context[, added_cond][, rpo_*]}.
 
   Latents are the VAE posterior *mean* (deterministic), so training on raw
   images and on a latent cache sees identical inputs; the SD VAEs' posterior
   std is ~1e-3 of the latent scale, so this drops no meaningful noise. A
   pixel-space pipeline (no VAE) trains on the images themselves, NCHW in [-1, 1].
 
-  rpo_embedding ("text" | "image" | "text+image", objective "rpo" only) adds
-  `rpo_embeds` [B, D] (`rpo_pair_embedding`): the text part is the pipeline's
-  pooled prompt embedding (`encode_text`), the image part comes from
-  `image_embedder` with its params under `params["rpo_clip"]`.
+  rpo_features (a subset of `RPO_FEATURE_KEYS`) adds the frozen features that
+  `with_rpo_embeds` turns into Diffusion-RPO's pair embedding: `rpo_text` is
+  the pipeline's pooled prompt embedding (`encode_text`), `rpo_image_w/l`
+  come from `image_embedder` with its params under `params["rpo_clip"]`.
   """
 
   def latents(pixels):
@@ -133,15 +157,16 @@ def encode_batch(
     target = jnp.full_like(raw["original_size"], resolution)
     time_ids = conditioning.add_time_ids(raw["original_size"], raw["crop_top_left"], target)
     out["added_cond"] = conditioning.sdxl_added_cond(pooled, time_ids)
-  if rpo_embedding:
-    image_w = image_l = None
-    if "image" in rpo_embedding:
-      if image_embedder is None:
-        raise ValueError(f"rpo embedding {rpo_embedding!r} needs an image embedder.")
-      image_w = image_embedder(params["rpo_clip"], raw["pixels_w"])
-      image_l = image_embedder(params["rpo_clip"], raw["pixels_l"])
-    text = pooled if "text" in rpo_embedding else None
-    out["rpo_embeds"] = rpo_pair_embedding(text, image_w, image_l)
+  unknown = set(rpo_features) - set(RPO_FEATURE_KEYS)
+  if unknown:
+    raise ValueError(f"Unknown rpo_features {sorted(unknown)}; expected {RPO_FEATURE_KEYS}.")
+  if "rpo_text" in rpo_features:
+    out["rpo_text"] = pooled.astype(jnp.float32)
+  if "rpo_image_w" in rpo_features or "rpo_image_l" in rpo_features:
+    if image_embedder is None:
+      raise ValueError("RPO image features need an image embedder (rpo.clip_path).")
+    out["rpo_image_w"] = image_embedder(params["rpo_clip"], raw["pixels_w"])
+    out["rpo_image_l"] = image_embedder(params["rpo_clip"], raw["pixels_l"])
   return out
 
 

@@ -64,15 +64,12 @@ def _cache(config: ml_collections.ConfigDict) -> Data:
   """Latents and text embeddings precomputed by `python -m dpo_jax.data.cache`."""
   from dpo_jax.data import cache
 
-  if config.objective == "rpo":
-    raise ValueError(
-      "objective 'rpo' with data.source='cache': the latent cache holds no pooled CLIP "
-      "embeddings for the RPO weights; train RPO with data.source='pickapic'."
-    )
   if not config.data.cache_dir:
     raise ValueError("data.source='cache' needs config.data.cache_dir.")
   arrays, uncond, info = cache.read_cache(config.data.cache_dir)
   logging.info("Latent cache %s: %s", config.data.cache_dir, info)
+  rpo = config.rpo.embedding if config.objective == "rpo" else ""
+  arrays = cache.select_arrays(arrays, config.data.cache_dir, rpo)
   it = synthetic.ArrayPairIterator(
     arrays,
     config.data.global_batch_size,
@@ -88,7 +85,7 @@ def _cache(config: ml_collections.ConfigDict) -> Data:
     train=it,
     eval_batch=eval_batch,
     uncond=uncond,
-    encoder=lambda frozen, flat: cache.to_step_batch(flat),
+    encoder=lambda frozen, flat: cache.to_step_batch(flat, rpo),
   )
 
 
@@ -198,14 +195,15 @@ def _pickapic(config: ml_collections.ConfigDict, models: Models, workdir: str) -
   eval_batch = next(ev)
   ev.close()
 
-  rpo_embedding, image_embedder, frozen = None, None, encode.frozen_params(pipe)
+  rpo_features, image_embedder, frozen = (), None, encode.frozen_params(pipe)
   if config.objective == "rpo":
-    rpo_embedding = config.rpo.embedding
-    if "image" in rpo_embedding:
-      image_embedder, frozen["rpo_clip"] = _rpo_image_embedder(config)
+    rpo_features = encode.rpo_feature_keys(config.rpo.embedding)
+    if "image" in config.rpo.embedding:
+      image_embedder, frozen["rpo_clip"] = rpo_image_embedder(config)
 
   def encoder(frozen, raw):
-    return encode.encode_batch(pipe, frozen, raw, data.resolution, rpo_embedding, image_embedder)
+    out = encode.encode_batch(pipe, frozen, raw, data.resolution, rpo_features, image_embedder)
+    return encode.with_rpo_embeds(out, config.rpo.embedding) if rpo_features else out
 
   return Data(
     train=train,
@@ -216,7 +214,7 @@ def _pickapic(config: ml_collections.ConfigDict, models: Models, workdir: str) -
   )
 
 
-def _rpo_image_embedder(config: ml_collections.ConfigDict) -> tuple[encode.ImageEmbedder, Any]:
+def rpo_image_embedder(config: ml_collections.ConfigDict) -> tuple[encode.ImageEmbedder, Any]:
   """The frozen CLIP image tower of `config.rpo.clip_path` for RPO's image embeddings."""
   from dpo_jax import scorers
 
