@@ -10,8 +10,11 @@ The reverse process is one of `sampler.SCHEDULERS` (ddim, euler, dpmpp: a
 jitted `lax.scan` with classifier-free guidance), followed by the VAE decoder,
 or nothing for a pixel-space pipeline (no VAE). SDXL gets micro-conditioning
 for an uncropped image at the generation size, as diffusers' pipeline does by
-default. The jitted program runs over a 1-D ("data",) mesh of local devices:
-prompts and noise are split over it, all parameters replicated.
+default. The jitted program runs over a device mesh with prompts and noise
+split over every axis: by default the local devices with all parameters
+replicated; given the trainer's ("data", "fsdp") mesh (in-training sampling,
+any number of processes), the UNet parameters keep their FSDP sharding and
+every process gets the whole batch of images back.
 
 Command line:
   python -m dpo_jax.sample --checkpoint=WORKDIR_OR_STEP_DIR --prompts=FILE --output=DIR \
@@ -34,8 +37,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from dpo_jax import prompts as prompts_lib
 from dpo_jax import sampler, sharding
@@ -45,7 +48,6 @@ from dpo_jax.models import unet as unet_lib
 from dpo_jax.models.loader import Pipeline
 
 Params = dict[str, Any]
-BATCH_AXIS = "data"
 OUTPUTS = ("uint8", "float")
 
 
@@ -108,12 +110,29 @@ def to_unit_float(images: jax.Array) -> jax.Array:
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
-  """1-D ("data",) mesh over the first `num_devices` local devices (0 = all of them)."""
+  """("data", "fsdp") = (n, 1) mesh over the first `num_devices` local devices (0 = all)."""
   devices = jax.local_devices()
   n = num_devices or len(devices)
   if not 1 <= n <= len(devices):
     raise ValueError(f"Asked for a mesh of {n} devices; {len(devices)} local devices exist.")
-  return Mesh(np.asarray(devices[:n]), (BATCH_AXIS,))
+  return sharding.make_mesh(n, 1, devices=devices[:n])
+
+
+def unet_shardings(unet_params: Params, mesh: Mesh) -> Any:
+  """The UNet params' own shardings where they already live on `mesh`; else replicated."""
+
+  def leaf(x):
+    s = getattr(x, "sharding", None)
+    return s if isinstance(s, NamedSharding) and s.mesh == mesh else sharding.replicated(mesh)
+
+  return jax.tree.map(leaf, unet_params)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """A global array, whole, on every process."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def with_compute_dtype(pipeline: Pipeline, dtype: str) -> Pipeline:
@@ -172,28 +191,37 @@ def sample_images(
 
 
 def make_sample_fn(
-  pipeline: Pipeline, settings: SampleSettings, output: str = "uint8"
-) -> Callable[[Params, Params, np.ndarray, np.ndarray], jax.Array]:
-  """Jitted `(unet_params, frozen, input_ids, noise) -> images [B, H, W, 3]` over the mesh.
+  pipeline: Pipeline,
+  settings: SampleSettings,
+  output: str = "uint8",
+  *,
+  mesh: Mesh | None = None,
+  unet_sharding: Any = None,
+) -> Callable[[Params, Params, jax.Array, jax.Array], jax.Array]:
+  """Jitted `(unet_params, frozen, input_ids, noise) -> images [B, H, W, 3]` over a mesh.
 
   `frozen` is `data.encode.frozen_params(pipeline)` (text encoder(s), VAE);
   `input_ids` come from `data.encode.make_tokenize_fn(pipeline)`. The batch
-  (ids, noise, images) is split over `make_mesh(settings.num_devices)`, so B
-  must be a multiple of its size; parameters are replicated. `output` "uint8"
-  gives uint8 images, "float" float32 in [0, 1] (`to_unit_float`).
+  (ids, noise, images) is split over every axis of `mesh` (default
+  `make_mesh(settings.num_devices)`), so B must be a multiple of its size.
+  The UNet params are placed by `unet_sharding` (default replicated; e.g.
+  `unet_shardings(params, trainer_mesh)` keeps FSDP shards), the frozen
+  encoders replicated. `output` "uint8" gives uint8 images, "float" float32
+  in [0, 1] (`to_unit_float`).
   """
   if output not in OUTPUTS:
     raise ValueError(f"Unknown output {output!r}; expected one of {OUTPUTS}.")
   if settings.scheduler not in sampler.SCHEDULERS:
     raise ValueError(f"Unknown scheduler {settings.scheduler!r}; expected {sampler.SCHEDULERS}.")
-  mesh = make_mesh(settings.num_devices)
-  repl, batch = sharding.replicated(mesh), NamedSharding(mesh, P(BATCH_AXIS))
+  mesh = mesh or make_mesh(settings.num_devices)
+  repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   finish = to_uint8 if output == "uint8" else to_unit_float
 
   def run(unet_params, frozen, input_ids, noise):
     return finish(sample_images(pipeline, settings, unet_params, frozen, input_ids, noise))
 
-  return jax.jit(run, in_shardings=(repl, repl, batch, batch), out_shardings=batch)
+  in_shardings = (unet_sharding or repl, repl, batch, batch)
+  return jax.jit(run, in_shardings=in_shardings, out_shardings=batch)
 
 
 def padded_batch_size(n: int, batch_size: int, num_devices: int) -> int:
@@ -209,7 +237,9 @@ def generate(
   seeds: Sequence[int],
   settings: SampleSettings = SampleSettings(),
   *,
+  mesh: Mesh | None = None,
   sample_fn: Callable | None = None,
+  frozen: Params | None = None,
   progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
   """Images for `prompts[i]` from seed `seeds[i]`: uint8 [N, H, W, 3].
@@ -217,21 +247,29 @@ def generate(
   Args:
     pipeline: the loaded pipeline (tokenizer, encoders, VAE, scheduler).
     unet_params: the UNet parameters to sample with (base or fine-tuned).
+      Arrays already sharded over `mesh` stay as they are.
     prompts, seeds: equal-length lists; one image per entry.
     settings: scheduler, steps, guidance, dtype, batch size, devices.
-    sample_fn: a `make_sample_fn(pipeline, settings)` to reuse (saves a compile
-      when several models are sampled with the same settings); with
-      `output="float"` the result is float32 in [0, 1] instead of uint8.
+    mesh: the devices to run on (default: `make_mesh(settings.num_devices)`).
+      With several processes every process calls `generate` with the same
+      arguments (as in training) and gets all N images.
+    sample_fn: a `make_sample_fn(pipeline, settings, mesh=mesh, ...)` to reuse
+      (saves a compile when several models are sampled with the same
+      settings); with `output="float"` the result is float32 in [0, 1].
+    frozen: `data.encode.frozen_params(pipeline)` already replicated over the
+      mesh, to skip re-sending it on every call.
     progress: called with the number of images finished after each batch.
   """
   if len(prompts) != len(seeds):
     raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; need one seed per image.")
-  fn = sample_fn or make_sample_fn(pipeline, settings)
-  mesh = make_mesh(settings.num_devices)
-  # Replicated once per call, not re-sent with every batch.
-  unet_params, frozen = jax.device_put(
-    (unet_params, encode.frozen_params(pipeline)), sharding.replicated(mesh)
-  )
+  mesh = mesh or make_mesh(settings.num_devices)
+  placement = unet_shardings(unet_params, mesh)
+  fn = sample_fn or make_sample_fn(pipeline, settings, mesh=mesh, unet_sharding=placement)
+  # Placed once per call, not re-sent with every batch.
+  unet_params = jax.device_put(unet_params, placement)
+  if frozen is None:
+    frozen = jax.device_put(encode.frozen_params(pipeline), sharding.replicated(mesh))
+  batch_sh = sharding.batch_sharding(mesh)
   tokenize = encode.make_tokenize_fn(pipeline)
   n = len(prompts)
   bs = padded_batch_size(n, settings.batch_size, mesh.size)
@@ -240,9 +278,15 @@ def generate(
   for start in range(0, n, bs):
     idx = np.arange(start, min(start + bs, n))
     padded = np.resize(idx, bs)  # Repeats rows to a full batch: one compiled shape.
-    ids = tokenize([prompts[i] for i in padded])
-    noise = initial_noise([seeds[i] for i in padded], shape)
-    images = np.asarray(fn(unet_params, frozen, ids, noise))
+    # Every process builds the same global batch; each places its own shards.
+    ids, noise = (
+      jax.make_array_from_callback(x.shape, batch_sh, lambda i, x=x: x[i])
+      for x in (
+        tokenize([prompts[i] for i in padded]),
+        initial_noise([seeds[i] for i in padded], shape),
+      )
+    )
+    images = _to_host(fn(unet_params, frozen, ids, noise))
     out.append(images[: len(idx)])
     if progress is not None:
       progress(len(idx))

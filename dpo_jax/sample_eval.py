@@ -11,7 +11,10 @@ the model-free "toy_reward,style_amber_duotone"), and writes
                          workdir/sample_eval/step_<step>.png)
 It reuses `sample.generate` and the scorers of `dpo_jax.evaluate`, so these
 numbers are the ones `python -m dpo_jax.sample` + `dpo_jax.evaluate` give for
-a checkpoint of the same step.
+a checkpoint of the same step. Sampling runs on the trainer's mesh with the
+UNet params in their training (FSDP) sharding, so it needs no replicated copy
+of the model and works with any number of processes; every process gets the
+images and scores them, process 0 writes the grid.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
 from dpo_jax import prompts as prompts_lib
-from dpo_jax import sample
+from dpo_jax import sample, sharding
+from dpo_jax.data import encode
 
 
 @dataclasses.dataclass(eq=False)
@@ -41,9 +46,33 @@ class SampleEval:
   scorers: Mapping[str, Any]
   out_dir: str
   columns: int
+  mesh: Mesh
+  # Compiled sampler and replicated encoders, built on first use (the UNet
+  # params' sharding is known only then) and reused at every evaluation.
+  _sample_fn: Any = None
+  _frozen: Any = None
 
   def __call__(self, step: int, unet_params: Any, writer: Any) -> dict[str, float]:
-    images = sample.generate(self.pipeline, unet_params, self.prompts, self.seeds, self.settings)
+    if self._sample_fn is None:
+      self._sample_fn = sample.make_sample_fn(
+        self.pipeline,
+        self.settings,
+        mesh=self.mesh,
+        unet_sharding=sample.unet_shardings(unet_params, self.mesh),
+      )
+      self._frozen = jax.device_put(
+        encode.frozen_params(self.pipeline), sharding.replicated(self.mesh)
+      )
+    images = sample.generate(
+      self.pipeline,
+      unet_params,
+      self.prompts,
+      self.seeds,
+      self.settings,
+      mesh=self.mesh,
+      sample_fn=self._sample_fn,
+      frozen=self._frozen,
+    )
     out = {
       f"sample_eval/{name}": float(np.mean(scorer(images, self.prompts)))
       for name, scorer in self.scorers.items()
@@ -61,8 +90,10 @@ class SampleEval:
     return out
 
 
-def make_sample_eval(config: ml_collections.ConfigDict, workdir: str) -> SampleEval | None:
-  """The evaluator of `config.sample_eval`, or None when it is off (every == 0)."""
+def make_sample_eval(
+  config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
+) -> SampleEval | None:
+  """The evaluator of `config.sample_eval` on the trainer's `mesh`; None when off (every == 0)."""
   from dpo_jax import scorers as scorers_lib
   from dpo_jax.models import loader
 
@@ -73,11 +104,6 @@ def make_sample_eval(config: ml_collections.ConfigDict, workdir: str) -> SampleE
     raise ValueError(
       "sample_eval.every > 0 samples images, which needs config.pretrained_path (the text "
       "encoder(s), VAE and scheduler of a diffusers pipeline folder)."
-    )
-  if jax.process_count() > 1:
-    raise NotImplementedError(
-      "sample_eval runs on one process's devices; with several processes set "
-      "sample_eval.every=0 and evaluate checkpoints with python -m dpo_jax.sample."
     )
   prompts = prompts_lib.load_prompts(se.prompts)
   if se.max_prompts:
@@ -97,4 +123,5 @@ def make_sample_eval(config: ml_collections.ConfigDict, workdir: str) -> SampleE
     scorers={n: scorers_lib.make_scorer(n, p) for n, p in specs.items()},
     out_dir=os.path.join(workdir, "sample_eval"),
     columns=se.images_per_prompt,
+    mesh=mesh,
   )

@@ -202,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sharding.global_batch_from_local(encode.device_keys(data.eval_batch), mesh)
   )
 
-  sample_evaluator = sample_eval.make_sample_eval(config, workdir)
+  sample_evaluator = sample_eval.make_sample_eval(config, workdir, mesh)
   if lead and start_step == 0:
     writer.write_hparams(_flat_hparams(config))
   progress = metrics.ProgressLog(config.max_steps, config.data.global_batch_size, start_step)

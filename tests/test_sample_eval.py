@@ -79,6 +79,31 @@ def test_sample_eval_needs_a_pipeline():
 
   config = make_train_config(**{"sample_eval.every": 5})
   with pytest.raises(ValueError, match="needs config.pretrained_path"):
-    sample_eval.make_sample_eval(config, "/tmp/unused")
+    sample_eval.make_sample_eval(config, "/tmp/unused", sample.make_mesh())
   config.sample_eval.every = 0
-  assert sample_eval.make_sample_eval(config, "/tmp/unused") is None
+  assert sample_eval.make_sample_eval(config, "/tmp/unused", sample.make_mesh()) is None
+
+
+def test_sampling_over_two_processes_with_fsdp_params_matches_one_process(tmp_path):
+  """The in-training sampling path: a 2-process mesh, FSDP-sharded UNet, all images everywhere."""
+  import numpy as np
+
+  from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline
+  from tests import multihost_worker as worker
+  from tests.fixtures import run_two_processes
+
+  pipe_dir = make_tiny_pipeline("sd15", str(tmp_path / "pipe"), seed=3)
+  out = str(tmp_path / "images")
+  run_two_processes("sample", pipe_dir, out, timeout=600)
+  per_process = [np.load(f"{out}.{p}.npy") for p in range(2)]
+  np.testing.assert_array_equal(per_process[0], per_process[1])
+
+  pipe = loader.load_pipeline(pipe_dir)
+  settings = sample.SampleSettings(**worker.SAMPLE_SETTINGS)  # 8 local devices, replicated.
+  fn = sample.make_sample_fn(pipe, settings, "float")
+  want = sample.generate(
+    pipe, pipe.unet_params, worker.SAMPLE_PROMPTS, worker.SAMPLE_SEEDS, settings, sample_fn=fn
+  )
+  assert per_process[0].shape == want.shape == (5, 32, 32, 3)
+  np.testing.assert_allclose(per_process[0], want, atol=1e-5)
+  assert np.std(want, axis=0).mean() > 1e-2  # Distinct prompts and seeds, distinct images.
