@@ -91,9 +91,15 @@ class SampleEval:
 
 
 def make_sample_eval(
-  config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
+  config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, pipeline: Any = None
 ) -> SampleEval | None:
-  """The evaluator of `config.sample_eval` on the trainer's `mesh`; None when off (every == 0)."""
+  """The evaluator of `config.sample_eval` on the trainer's `mesh`; None when off (every == 0).
+
+  `pipeline`: the run's loaded pipeline, whose encoders, VAE and tokenizers
+  are reused (its UNet weights are not kept: sampling uses the trained
+  params); without one (a latent-cache run) they are loaded from
+  `config.pretrained_path`, the UNet weights skipped.
+  """
   from dpo_jax import scorers as scorers_lib
   from dpo_jax.models import loader
 
@@ -110,8 +116,10 @@ def make_sample_eval(
     prompts = prompts[: se.max_prompts]
   grid_prompts, seeds = sample.prompt_seed_grid(prompts, se.images_per_prompt, se.seed)
   specs = scorers_lib.parse_scorer_specs(se.scorers) if se.scorers else {}
+  if pipeline is None:
+    pipeline = loader.load_pipeline(config.pretrained_path, unet_weights=False)
   return SampleEval(
-    pipeline=loader.load_pipeline(config.pretrained_path),
+    pipeline=dataclasses.replace(pipeline, unet_params=None),
     prompts=grid_prompts,
     seeds=seeds,
     settings=sample.SampleSettings(

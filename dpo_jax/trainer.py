@@ -63,18 +63,18 @@ def _models_data_and_initial_params(
   tx,
   lr_fn,
   init_rng: jax.Array,
-) -> tuple[step_lib.StepSpec, sources.Data, Any, Any, Any]:
+) -> tuple[step_lib.StepSpec, sources.Data, Any, Any, Any, sample_eval.SampleEval | None]:
   """Builds the models and the data; places the initial policy on the mesh.
 
   Returns:
     (step spec, data, abstract train state, train-state shardings, initial
-    params sharded as `shardings.params`).
+    params sharded as `shardings.params`, the sample evaluator or None).
 
   The `Models` object, and with it `models.pretrained_params` (a full host copy
   of the UNet weights, GBs for SDXL), is a local of this function only: once
   the weights are on the mesh and it returns, the trainer keeps no reference
-  to the host copy for the rest of the run. (The pickapic source's encoder
-  still holds `models.pipeline`, whose `unet_params` is that same tree.)
+  to the host copy for the rest of the run (the data encoder and the sample
+  evaluator keep the pipeline without its `unet_params`).
   """
   models = build_lib.build_models(config)
   data = sources.make_data(config, models, workdir)
@@ -94,7 +94,8 @@ def _models_data_and_initial_params(
     init_params = jax.device_put(models.pretrained_params, state_sh.params)
   else:
     init_params = jax.jit(models.init_params, out_shardings=state_sh.params)(init_rng)
-  return spec, data, abstract_state, state_sh, init_params
+  evaluator = sample_eval.make_sample_eval(config, workdir, mesh, models.pipeline)
+  return spec, data, abstract_state, state_sh, init_params, evaluator
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -122,8 +123,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   tx, lr_fn = optim.make_optimizer(config.optim, config.max_steps)
   init_rng, _, _ = split_rngs(config.seed)
-  spec, data, abstract_state, state_sh, init_params = _models_data_and_initial_params(
-    config, workdir, mesh, tx, lr_fn, init_rng
+  spec, data, abstract_state, state_sh, init_params, sample_evaluator = (
+    _models_data_and_initial_params(config, workdir, mesh, tx, lr_fn, init_rng)
   )
   param_sh = state_sh.params
   repl = sharding.replicated(mesh)
@@ -202,7 +203,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sharding.global_batch_from_local(encode.device_keys(data.eval_batch), mesh)
   )
 
-  sample_evaluator = sample_eval.make_sample_eval(config, workdir, mesh)
   if lead and start_step == 0:
     writer.write_hparams(_flat_hparams(config))
   progress = metrics.ProgressLog(config.max_steps, config.data.global_batch_size, start_step)

@@ -202,6 +202,24 @@ def test_missing_files_name_the_path(sd15_dir, tmp_path):
     loader.load_pipeline(str(tmp_path))
 
 
+def test_pipeline_without_unet_weights_reads_none(sd15, sd15_dir, tmp_path):
+  """unet_weights=False (sampling with params being trained): the UNet file is never read."""
+  copy = str(tmp_path / "pipe")
+  shutil.copytree(sd15_dir, copy)
+  os.remove(os.path.join(copy, "unet", "diffusion_pytorch_model.safetensors"))
+  pipe = loader.load_pipeline(copy, unet_weights=False)
+  assert pipe.unet_params is None and pipe.unet == sd15.unet
+  assert (
+    _max_diff(
+      pipe.vae_params["encoder"]["conv_in"]["kernel"],
+      sd15.vae_params["encoder"]["conv_in"]["kernel"],
+    )
+    == 0
+  )
+  with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
+    loader.load_pipeline(copy)
+
+
 @pytest.mark.parametrize(
   "key,bad_shape",
   [

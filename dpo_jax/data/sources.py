@@ -169,7 +169,9 @@ def _pickapic(config: ml_collections.ConfigDict, models: Models, workdir: str) -
   if jax.process_index() != 0:
     built = build()
 
-  pipe = models.pipeline
+  # The encoder closure keeps the pipeline for the whole run: not its UNet
+  # weights (a host copy of GBs; the trainer has them on the mesh).
+  pipe = dataclasses.replace(models.pipeline, unet_params=None)
   tokenize = encode.make_tokenize_fn(pipe)
   common = dict(
     resolution=data.resolution,

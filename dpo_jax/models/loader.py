@@ -400,6 +400,11 @@ def load_unet(
   return module, load_params(path, abstract, _diffusers_rename, config_path, param_dtype)
 
 
+def load_unet_module(directory: str, dtype: DTypeLike = jnp.float32) -> FlaxUNet2DConditionModel:
+  """The Flax UNet of `directory`'s config.json alone (no weights read)."""
+  return _diffusers_module(FlaxUNet2DConditionModel, directory, _UNET_FIXED, dtype)[0]
+
+
 def load_vae(
   directory: str,
   *,
@@ -520,6 +525,7 @@ def load_pipeline(
   variant: str | None = None,
   param_dtype: DTypeLike = jnp.float32,
   dtype: DTypeLike = jnp.float32,
+  unet_weights: bool = True,
 ) -> Pipeline:
   """Loads every component of the diffusers folder `path`.
 
@@ -529,13 +535,18 @@ def load_pipeline(
       components. Values are cast to `param_dtype` regardless.
     param_dtype: dtype of the returned parameters (float32 master copy by default).
     dtype: compute dtype of the modules.
+    unet_weights: False leaves `unet_params` None (the caller brings its own,
+      e.g. the params being trained) and reads only the UNet's config.
 
   Returns:
     A `Pipeline`.
   """
   kind = detect_kind(path)
   kw = {"variant": variant, "param_dtype": param_dtype, "dtype": dtype}
-  unet, unet_params = load_unet(os.path.join(path, "unet"), **kw)
+  if unet_weights:
+    unet, unet_params = load_unet(os.path.join(path, "unet"), **kw)
+  else:
+    unet, unet_params = load_unet_module(os.path.join(path, "unet"), dtype), None
   vae, vae_params = None, None
   if has_vae(path):
     vae, vae_params = load_vae(os.path.join(path, "vae"), **kw)
