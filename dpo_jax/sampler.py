@@ -149,29 +149,6 @@ def ddim_loop(scheduler: FlaxDDIMScheduler, state: Any, denoise: Denoiser, noise
   return x
 
 
-def ddim_sample(
-  apply_fn: UNetApply,
-  params: Any,
-  scheduler: FlaxDDIMScheduler,
-  state: Any,
-  noise: chex.Array,
-  context: chex.Array,
-  uncond_context: chex.Array,
-  guidance_scale: float,
-  added_cond: dict[str, chex.Array] | None = None,
-  uncond_added: dict[str, chex.Array] | None = None,
-) -> chex.Array:
-  """Deterministic DDIM (eta = 0) from `noise` [B, C, H, W] to x_0 [B, C, H, W].
-
-  Same `noise` -> same image: comparisons between two models on the same
-  prompts and seeds see identical starting points.
-  """
-  denoise = make_denoiser(
-    apply_fn, params, context, uncond_context, guidance_scale, added_cond, uncond_added
-  )
-  return ddim_loop(scheduler, state, denoise, noise)
-
-
 # ----------------------------------------------------------------------------- schedules
 
 

@@ -1,4 +1,4 @@
-"""DDIM + CFG sampler against analytic oracles; win rates and bootstrap CIs by hand."""
+"""The samplers + CFG against analytic oracles; win rates and bootstrap CIs by hand."""
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,8 @@ def oracle(schedule_alphas, prediction_type):
 
   def apply(params, x, t, context, added=None):
     x0 = context.reshape(x.shape)
-    a = schedule_alphas[t][:, None, None, None]
+    # Integer-valued timesteps; Euler passes them as floats, like diffusers.
+    a = schedule_alphas[jnp.round(t).astype(jnp.int32)][:, None, None, None]
     eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
     if prediction_type == "epsilon":
       return eps
@@ -32,7 +33,10 @@ def oracle(schedule_alphas, prediction_type):
   [("epsilon", "scaled_linear"), ("v_prediction", "squaredcos_cap_v2")],
 )
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_ddim_recovers_data_point_and_cfg_extrapolates(prediction_type, beta_schedule, guidance):
+@pytest.mark.parametrize("scheduler", sampler.SCHEDULERS)
+def test_sampler_recovers_data_point_and_cfg_extrapolates(
+  scheduler, prediction_type, beta_schedule, guidance
+):
   cfg = {
     "num_train_timesteps": 1000,
     "beta_schedule": beta_schedule,
@@ -40,18 +44,18 @@ def test_ddim_recovers_data_point_and_cfg_extrapolates(prediction_type, beta_sch
     "beta_end": 0.012,
     "prediction_type": prediction_type,
     "set_alpha_to_one": True,
+    "timestep_spacing": "leading",  # Integer timesteps: the oracle indexes the schedule.
   }
-  sched, state = sampler.make_ddim(cfg, 20)
-  apply = oracle(state.common.alphas_cumprod, prediction_type)
+  loop = sampler.make_sampler(scheduler, cfg, 20)
+  apply = oracle(jnp.asarray(sampler.train_alphas_cumprod(cfg)), prediction_type)
   rng = np.random.default_rng(0)
   x0_c = rng.uniform(-1, 1, SHAPE).astype(np.float32)
   x0_u = rng.uniform(-1, 1, SHAPE).astype(np.float32)
   ctx = jnp.asarray(x0_c.reshape(SHAPE[0], 1, -1))
   uctx = jnp.asarray(x0_u.reshape(SHAPE[0], 1, -1))
   noise = jax.random.normal(jax.random.PRNGKey(0), SHAPE)
-  out = jax.jit(lambda n: sampler.ddim_sample(apply, None, sched, state, n, ctx, uctx, guidance))(
-    noise
-  )
+  denoise = sampler.make_denoiser(apply, None, ctx, uctx, guidance)
+  out = jax.jit(lambda n: loop(denoise, n))(noise)
   # eps (and v) are affine in x0 with weights summing to one, so guidance w
   # lands exactly on x0_u + w (x0_c - x0_u).
   expected = x0_u + guidance * (x0_c - x0_u)
@@ -59,14 +63,14 @@ def test_ddim_recovers_data_point_and_cfg_extrapolates(prediction_type, beta_sch
 
 
 def test_same_noise_same_image_and_different_noise_differs():
-  sched, state = sampler.make_ddim({"prediction_type": "epsilon"}, 10)
-  alphas = state.common.alphas_cumprod
+  loop = sampler.make_sampler("ddim", {"prediction_type": "epsilon"}, 10)
+  alphas = jnp.asarray(sampler.train_alphas_cumprod({}))
 
   def apply(params, x, t, context, added=None):  # Not an oracle: depends on x nonlinearly.
     return jnp.tanh(x + context.reshape(x.shape)) * jnp.sqrt(1 - alphas[t])[:, None, None, None]
 
   ctx = jnp.ones((SHAPE[0], 1, int(np.prod(SHAPE[1:]))))
-  f = jax.jit(lambda n: sampler.ddim_sample(apply, None, sched, state, n, ctx, 0 * ctx, 2.0))
+  f = jax.jit(lambda n: loop(sampler.make_denoiser(apply, None, ctx, 0 * ctx, 2.0), n))
   n1 = jax.random.normal(jax.random.PRNGKey(1), SHAPE)
   n2 = jax.random.normal(jax.random.PRNGKey(2), SHAPE)
   np.testing.assert_array_equal(f(n1), f(n1))
