@@ -29,7 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.0
   # Planner (16-pair micro-step on data=1,fsdp=8, i.e. 2 pairs per chip): XLA
   # temp 146 GiB per chip without remat, 46 GiB with it, for 24 % more FLOPs
-  # (66.8 instead of 53.9 T per pair). See models.unet.REMAT_POLICIES.
+  # (66.8 instead of 53.9 T per pair); on data=1,fsdp=32 with grad_accum=64
+  # (1 pair per chip) 24 GiB with remat. See models.unet.REMAT_POLICIES.
   c.model.remat = "blocks"
   c.data.resolution = 1024
   c.lock()
