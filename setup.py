@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
   "diffusers==0.39.0",
   "transformers>=4.57,<5",
   "safetensors>=0.4",
+  "etils[epath]>=1.7",
   "tensorflow-cpu>=2.20",
   "tensorflow-datasets>=4.9.9",
   "grain>=0.2.12",

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
+from etils import epath
 from flax.traverse_util import flatten_dict
 
 from dpo_jax.models import loader
@@ -212,20 +213,19 @@ def final_metrics(step_dir: str, step: int) -> list[dict[str, Any]]:
   `step_dir` is `<workdir>/checkpoints/<step>`; rows after `step` (a run that
   went on after the exported checkpoint) are ignored. [] without metrics.jsonl.
   """
-  path = os.path.join(os.path.dirname(os.path.dirname(step_dir)), "metrics.jsonl")
-  if not os.path.isfile(path):
+  path = epath.Path(step_dir).parent.parent / "metrics.jsonl"  # Local or gs://.
+  if not path.is_file():
     return []
   last = {}
-  with open(path) as f:
-    for line in f:
-      if not line.strip():
-        continue
-      row = json.loads(line)
-      if row.get("step", 0) > step:
-        continue
-      for prefix in ("train/", "eval/"):
-        if any(k.startswith(prefix) for k in row):
-          last[prefix] = row
+  for line in path.read_text().splitlines():
+    if not line.strip():
+      continue
+    row = json.loads(line)
+    if row.get("step", 0) > step:
+      continue
+    for prefix in ("train/", "eval/"):
+      if any(k.startswith(prefix) for k in row):
+        last[prefix] = row
   return list(last.values())
 
 
