@@ -7,6 +7,10 @@ the reward before / after. `configs/tiny.py` is the smallest smoke run.
 Any config field can be overridden, e.g. `--config.max_steps=20 --config.beta=5000
 --config.mesh.fsdp=4`. Rerunning the same command resumes from the newest
 checkpoint in `--workdir`.
+
+Several processes (TPU pod hosts, SLURM / MPI tasks) run the same command;
+`--distributed=auto|on|off` and `--coordinator_address/--num_processes/
+--process_id` control `jax.distributed.initialize` (`dpo_jax.distributed`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dpo_jax import logs  # noqa: E402
+from dpo_jax import distributed, logs  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "toy.py")
 
@@ -30,12 +34,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
   "workdir", "runs/default", "Where checkpoints, TensorBoard events and metrics.jsonl go."
 )
+distributed.define_flags()
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
+  distributed.initialize_from_flags()  # Before anything touches a device.
   import jax  # Imported late so that XLA flags set in the environment take effect.
 
   from dpo_jax import trainer

@@ -180,8 +180,10 @@ def to_step_batch(flat: dict[str, Any], rpo_embedding: str = "") -> dict[str, An
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  from dpo_jax import distributed
   from dpo_jax.models import build as build_lib
 
+  distributed.initialize_from_flags()  # Several processes split the shards.
   config, output = flags.FLAGS.config, flags.FLAGS.output
   n = write_cache(config, build_lib.build_models(config, with_encoders=True), output)
   logging.info("Cache of %d examples complete in %s.", n, output)
@@ -192,6 +194,9 @@ if __name__ == "__main__":
   # (the trainer does) never clashes with another entry point's flags.
   from ml_collections import config_flags
 
+  from dpo_jax import distributed
+
+  distributed.define_flags()
   config_flags.DEFINE_config_file("config", None, "Training config.", lock_config=True)
   flags.DEFINE_string("output", None, "Cache directory to write.")
   flags.mark_flags_as_required(["config", "output"])

@@ -1,0 +1,119 @@
+"""Multi-process start-up: environment detection, the launch scripts, a 2-process CLI run."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import portpicker
+import pytest
+
+from dpo_jax import distributed
+from tests.fixtures import REPO
+from tests.test_train import cli
+
+
+@pytest.mark.parametrize(
+  "env,expected",
+  [
+    ({}, None),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),  # One task: single-process.
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}, "SLURM job with 16 tasks"),
+    ({"SLURM_NTASKS": "16"}, None),  # Not inside a job (e.g. a login-node shell).
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, "Open MPI job with 4 ranks"),
+    ({"OMPI_COMM_WORLD_SIZE": "1"}, None),
+    ({"TPU_WORKER_HOSTNAMES": "t1v-0,t1v-1,t1v-2,t1v-3"}, "TPU slice with several workers"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),  # A single-host TPU VM.
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234"}, "JAX_COORDINATOR_ADDRESS is set"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": ""}, None),
+  ],
+)
+def test_multi_process_env(env, expected):
+  assert distributed.multi_process_env(env) == expected
+
+
+def test_initialize_decides_without_touching_jax():
+  # Nothing to do: no call into jax.distributed (which would fail without peers).
+  assert distributed.initialize("auto", env={}) is False
+  assert distributed.initialize("off", env={"SLURM_JOB_ID": "1", "SLURM_NTASKS": "8"}) is False
+  with pytest.raises(ValueError, match="contradicts"):
+    distributed.initialize("off", process_id=0, env={})
+  with pytest.raises(ValueError, match="expected one of"):
+    distributed.initialize("yes", env={})
+
+
+def test_train_entry_point_runs_as_two_processes(tmp_path):
+  """scripts/multinode.sh x 2 -> `python -m dpo_jax.train` with coordinator flags: one job."""
+  workdir = str(tmp_path / "run")
+  port = portpicker.pick_unused_port()
+  procs = []
+  for pid in range(2):
+    args, env = cli(workdir, devices=4, max_steps=2, **{"mesh.data": 2, "mesh.fsdp": 4})
+    assert args[1:3] == ["-m", "dpo_jax.train"]
+    args = ["bash", os.path.join(REPO, "scripts", "multinode.sh"), *args[3:]]
+    env.update(COORDINATOR=f"127.0.0.1:{port}", NUM_NODES="2", NODE_RANK=str(pid))
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+    procs.append(
+      subprocess.Popen(
+        args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+      )
+    )
+  try:
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  for pid, out in enumerate(outs):
+    assert f"process {pid} of 2, 4 local / 8 global devices" in out
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  losses = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+  assert sorted(losses) == [1, 2] and all(v == v for v in losses.values())
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+
+
+def _dry_run(script: str, *args: str, **env: str) -> list[str]:
+  """The command a launch script would run (DRY_RUN=1), split back into arguments."""
+  out = subprocess.run(
+    ["bash", os.path.join(REPO, "scripts", script), *args],
+    env={**os.environ, "DRY_RUN": "1", **env},
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  return shlex.split(out)
+
+
+def test_tpu_pod_script_runs_the_same_command_on_every_host():
+  env = {"TPU_NAME": "pod", "ZONE": "us-east5-a", "PROJECT": "proj"}
+  spaced = "--config.data.path=gs://bucket/pick a pic"
+  cmd = _dry_run("tpu_pod.sh", "train", "--config=configs/sdxl.py", spaced, **env)
+  assert cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod"]
+  assert {"--zone=us-east5-a", "--worker=all", "--project=proj"} <= set(cmd)
+  remote = shlex.split(next(a for a in cmd if a.startswith("--command="))[len("--command=") :])
+  i = remote.index("python")
+  assert remote[i : i + 6] == [
+    "python", "-m", "dpo_jax.train", "--distributed=on", "--config=configs/sdxl.py", spaced
+  ]  # fmt: skip
+  assert remote[i + 6 :] == [">", "train.log", "2>&1", "<", "/dev/null", "&"]
+  cache = _dry_run("tpu_pod.sh", "cache", "--output=gs://b/c", **env)
+  assert "python -m dpo_jax.data.cache --distributed=on --output=gs://b/c" in " ".join(cache)
+  with pytest.raises(subprocess.CalledProcessError):  # TPU_NAME is required.
+    _dry_run("tpu_pod.sh", "train", ZONE="z", TPU_NAME="")
+
+
+def test_slurm_script_starts_one_task_per_gpu_with_the_entry_point():
+  cmd = _dry_run("slurm_gpu.sbatch", "--config=configs/sd15.py", "--workdir=/shared/r")
+  assert cmd == [
+    "srun", "--kill-on-bad-exit=1", "python", "-m", "dpo_jax.train", "--distributed=on",
+    "--config=configs/sd15.py", "--workdir=/shared/r",
+  ]  # fmt: skip
+  with open(os.path.join(REPO, "scripts", "slurm_gpu.sbatch")) as f:
+    directives = [line for line in f if line.startswith("#SBATCH")]
+  per_node = {d.split("=")[0]: d.split("=")[1].strip() for d in directives if "=" in d}
+  assert per_node["#SBATCH --ntasks-per-node"] == per_node["#SBATCH --gpus-per-node"]
