@@ -3,7 +3,8 @@
 - Pick-a-Pic-format parquet rows with real encoded images (`good_rows`,
   `write_parquet`): winners are red, losers blue or grey.
 - The tiny training config of the end-to-end runs (`make_train_config`).
-- A launcher for 2-process jax.distributed runs of `tests/multihost_worker.py`.
+- Launchers for 2-process jax.distributed runs: `tests/multihost_worker.py`,
+  or the training CLI through scripts/multinode.sh.
 """
 
 from __future__ import annotations
@@ -118,41 +119,76 @@ def _override(c, values):
   return c
 
 
-def run_two_processes(*worker_args: str, timeout: float) -> list[str]:
-  """Runs `tests/multihost_worker.py` as processes 0 and 1 of one jax.distributed job.
+def train_cli(workdir: str, devices: int, **extra) -> tuple[list[str], dict[str, str]]:
+  """Command line and environment of a `python -m dpo_jax.train` subprocess.
 
-  Each process owns 4 CPU devices; gloo provides the collectives (see the
-  worker). Fails the test unless both exit 0.
-
-  Args:
-    *worker_args: the worker's arguments after PID and PORT.
-    timeout: seconds to wait for each process.
-
-  Returns:
-    Each process's stdout and stderr, in process order.
+  The config is configs/tiny.py with `TRAIN_OVERRIDES` and `extra` as
+  `--config.*` flags (the same config as `make_train_config(**extra)`), on
+  `devices` forced CPU devices.
   """
-  port = str(portpicker.pick_unused_port())
-  env = dict(os.environ, PYTHONPATH=REPO)
-  procs = [
-    subprocess.Popen(
-      [sys.executable, MULTIHOST_WORKER, str(i), port, *worker_args],
-      env=env,
-      cwd=REPO,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
+  config = os.path.join(REPO, "configs", "tiny.py")
+  args = [sys.executable, "-m", "dpo_jax.train", f"--config={config}", f"--workdir={workdir}"]
+  args += [f"--config.{k}={v}" for k, v in {**TRAIN_OVERRIDES, **extra}.items()]
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return args, env
+
+
+def _run_pair(command, timeout: float) -> list[str]:
+  """Runs command(pid, port) -> (args, env) for pids 0 and 1; -> their outputs.
+
+  Fails the test unless both exit 0; after a timeout no process is left
+  waiting on its peer.
+  """
+  port = portpicker.pick_unused_port()
+  procs = []
+  for pid in range(2):
+    args, env = command(pid, port)
+    procs.append(
+      subprocess.Popen(
+        args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+      )
     )
-    for i in range(2)
-  ]
   try:
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
   finally:
-    for p in procs:  # After a timeout: no process left waiting on its peer.
+    for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
   return outs
+
+
+def run_two_processes(*worker_args: str, timeout: float) -> list[str]:
+  """Runs `tests/multihost_worker.py` as processes 0 and 1 of one jax.distributed job.
+
+  Each process owns 4 CPU devices; gloo provides the collectives (see the
+  worker). Returns each process's stdout and stderr, in process order.
+  """
+  env = dict(os.environ, PYTHONPATH=REPO)
+
+  def command(pid, port):
+    return [sys.executable, MULTIHOST_WORKER, str(pid), str(port), *worker_args], env
+
+  return _run_pair(command, timeout)
+
+
+def run_train_cli_two_processes(workdir: str, timeout: float, **extra) -> list[str]:
+  """`train_cli` as processes 0 and 1 of one job (4 CPU devices each), started through
+  scripts/multinode.sh as a user would; -> each process's output."""
+
+  def command(pid, port):
+    args, env = train_cli(workdir, devices=4, **extra)
+    assert args[1:3] == ["-m", "dpo_jax.train"]
+    script = os.path.join(REPO, "scripts", "multinode.sh")
+    env.update(COORDINATOR=f"127.0.0.1:{port}", NUM_NODES="2", NODE_RANK=str(pid))
+    env["JAX_PLATFORMS"] = "cpu"  # -> gloo collectives (dpo_jax.distributed).
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+    return ["bash", script, *args[3:]], env
+
+  return _run_pair(command, timeout)
 
 
 def tiny_pipeline_train_config(kind: str, pipeline_dir: str, parquet_dir: str, **extra):

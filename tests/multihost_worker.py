@@ -1,6 +1,5 @@
 """One process of a 2-process CPU run.
 
-  python tests/multihost_worker.py PID PORT WORKDIR STEPS           # train
   python tests/multihost_worker.py PID PORT pickapic DATA_DIR B N   # read N batches
   python tests/multihost_worker.py PID PORT sample PIPELINE_DIR OUT  # sample on a 2x4 mesh
 
@@ -69,14 +68,7 @@ def main() -> None:
   if sys.argv[3] == "sample":
     sample_on_global_mesh(sys.argv[4], sys.argv[5])
     return
-  workdir, steps = sys.argv[3], int(sys.argv[4])
-  from dpo_jax import trainer
-  from tests.fixtures import make_train_config
-
-  config = make_train_config(max_steps=steps, **{"mesh.data": 2, "mesh.fsdp": 4})
-  result = trainer.train_and_evaluate(config, workdir)
-  assert jax.process_count() == 2 and jax.device_count() == 8
-  print("LOSSES", [h["loss"] for h in result["history"]], flush=True)
+  raise SystemExit(f"Unknown mode {sys.argv[3]!r}; expected pickapic or sample.")
 
 
 if __name__ == "__main__":

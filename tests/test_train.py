@@ -5,7 +5,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -15,22 +14,7 @@ import pytest
 
 from dpo_jax import trainer
 from dpo_jax.models import unet as unet_lib
-from tests.fixtures import REPO, TRAIN_OVERRIDES, make_train_config, run_two_processes
-
-
-def cli(workdir, devices, **extra):
-  """Command line and environment for a `python -m dpo_jax.train` subprocess.
-
-  The config file is explicit (`make_train_config`'s configs/tiny.py), not the
-  entry point's default.
-  """
-  config = os.path.join(REPO, "configs", "tiny.py")
-  args = [sys.executable, "-m", "dpo_jax.train", f"--config={config}", f"--workdir={workdir}"]
-  args += [f"--config.{k}={v}" for k, v in {**TRAIN_OVERRIDES, **extra}.items()]
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return args, env
+from tests.fixtures import REPO, make_train_config, run_train_cli_two_processes, train_cli
 
 
 def read_jsonl(workdir):
@@ -128,7 +112,7 @@ def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
   )
   one = str(tmp_path / "one")
   # A relative --workdir, as users type it, resolved against the cwd.
-  args, env = cli("one", devices=1, max_steps=5, **{"mesh.data": 1, "mesh.fsdp": 1})
+  args, env = train_cli("one", devices=1, max_steps=5, **{"mesh.data": 1, "mesh.fsdp": 1})
   proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   l1, l8 = read_jsonl(one), read_jsonl(sharded)
@@ -139,11 +123,14 @@ def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
   theta0 = initial_params(make_train_config())
   assert_same_updates(load_params(sharded, 5), load_params(one, 5), theta0)
 
-  # Two processes x 4 devices (gloo collectives), same global mesh and batch:
-  # the assembled global batches are identical, so the run agrees up to the
+  # Two processes x 4 devices (gloo collectives), started as users do (the
+  # CLI through scripts/multinode.sh), same global mesh and batch: the
+  # assembled global batches are identical, so the run agrees up to the
   # reduction order of cross-process collectives.
   multi = str(tmp_path / "multihost")
-  run_two_processes(multi, "5", timeout=600)
+  outs = run_train_cli_two_processes(multi, 600, max_steps=5, **{"mesh.data": 2, "mesh.fsdp": 4})
+  for pid, out in enumerate(outs):
+    assert f"process {pid} of 2, 4 local / 8 global devices" in out
   lm = read_jsonl(multi)  # Written by process 0 only.
   assert sorted(lm) == [1, 2, 3, 4, 5]
   for s in lm:
@@ -154,7 +141,7 @@ def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
 def test_killed_run_resumes_to_identical_result(uninterrupted, tmp_path):
   ref_dir, ref_result = uninterrupted
   workdir = str(tmp_path / "killed")
-  args, env = cli(workdir, devices=8)
+  args, env = train_cli(workdir, devices=8)
   proc = subprocess.Popen(
     args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
   )
