@@ -1,9 +1,11 @@
 """`dpo_jax.export`: trained tiny SD1.5 / SDXL UNets -> PyTorch diffusers folders and back.
 
-A 2-step run of the real trainer on each tiny pipeline (SD1.5: DPO, SDXL: SFT,
-the cheaper compile) gives a checkpoint whose UNet differs from the base; the
-export must then load in PyTorch diffusers with no missing or unexpected key,
-compute what the Flax UNet computes, and load back into dpo_jax bit for bit.
+A 3-step DPO run of the real trainer on each tiny pipeline (SD1.5 on 8 data
+devices, SDXL FSDP-sharded over 2 x 4), from Pick-a-Pic parquet, gives a
+checkpoint whose UNet differs from the base; the runs themselves are checked
+first (#5: a few DPO steps end to end). The export must then load in PyTorch
+diffusers with no missing or unexpected key, compute what the Flax UNet
+computes, and load back into dpo_jax bit for bit.
 """
 
 import os
@@ -44,44 +46,43 @@ TOL = 1e-4
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def _train(kind: str, root) -> tuple[str, str]:
-  """(base pipeline dir, workdir) of a 2-step run on a tiny `kind` pipeline."""
+def _train(kind: str, root) -> tuple[str, str, dict]:
+  """(base pipeline dir, workdir, result) of a 3-step DPO run on a tiny `kind` pipeline."""
   pipe = make_tiny_pipeline(kind, str(root / "pipe"), seed=0 if kind == "sd15" else 1)
   parquet = root / "parquet"
   parquet.mkdir()
-  write_parquet(str(parquet / "train-00000-of-00001.parquet"), good_rows(8)[0])
-  c = tiny_pipeline_train_config(
-    kind,
-    pipe,
-    str(parquet),
-    **{
-      "objective": "dpo" if kind == "sd15" else "sft",
-      "data.global_batch_size": 8,
-      "data.num_threads": 1,
-      "optim.grad_accum": 1,
-      "optim.warmup_frac": 0.0,  # Step 1 already moves the weights.
-      "max_steps": 2,
-      "checkpoint_every": 2,
-      "mesh.data": 8,
-      "mesh.fsdp": 1,
-    },
-  )
+  write_parquet(str(parquet / "train-00000-of-00001.parquet"), good_rows(20)[0])
   workdir = str(root / "run")
-  trainer.train_and_evaluate(c, workdir)
-  return pipe, workdir
+  result = trainer.train_and_evaluate(tiny_pipeline_train_config(kind, pipe, str(parquet)), workdir)
+  return pipe, workdir, result
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """{kind: (base dir, workdir, checkpoint params, meta, full float32 export dir)}."""
+  """{kind: (base dir, workdir, checkpoint params, meta, full float32 export dir, result)}."""
   out = {}
   for kind in ("sd15", "sdxl"):
     root = tmp_path_factory.mktemp(kind)
-    pipe, workdir = _train(kind, root)
+    pipe, workdir, result = _train(kind, root)
     params, meta = checkpoint.load_params_for_inference(workdir)
     exported = export.export(workdir, str(root / "export"))
-    out[kind] = (pipe, workdir, params, meta, exported)
+    out[kind] = (pipe, workdir, params, meta, exported, result)
   return out
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_dpo_steps_on_tiny_pipeline(kind, runs):
+  _, workdir, _, meta, _, result = runs[kind]
+  losses = [h["loss"] for h in result["history"]]
+  assert len(losses) == 3 and all(np.isfinite(losses))
+  # Step 1: policy == reference -> exactly log 2 (warmup lr is 0 at step 1, so
+  # step 2 too); then the policy moves.
+  assert losses[0] == pytest.approx(np.log(2.0), abs=1e-6)
+  assert result["history"][-1]["grad_norm"] > 0
+  assert np.isfinite(result["eval"]["loss"])
+  report = json.load(open(os.path.join(workdir, "data_report.json")))
+  assert report["splits"]["train"]["kept"] == 20
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"] and meta["step"] == 3
 
 
 def _flat(tree) -> dict:
@@ -123,7 +124,7 @@ def _load_pipeline_logged(cls, path):
 def test_pytorch_loads_export_and_matches_flax(kind, runs):
   import diffusers
 
-  base, _, params, _, exported = runs[kind]
+  base, _, params, _, exported, _ = runs[kind]
   unet, info = diffusers.UNet2DConditionModel.from_pretrained(
     os.path.join(exported, "unet"), output_loading_info=True
   )
@@ -175,7 +176,7 @@ def test_log_capture_sees_key_warnings(runs, tmp_path):
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_export_reloads_bit_identical_and_is_not_the_base(kind, runs):
-  base, _, params, _, exported = runs[kind]
+  base, _, params, _, exported, _ = runs[kind]
   pipe = loader.load_pipeline(exported)
   got, want = _flat(pipe.unet_params), _flat(params)
   assert got.keys() == want.keys()
@@ -201,21 +202,21 @@ def test_export_reloads_bit_identical_and_is_not_the_base(kind, runs):
 
 
 def test_model_card(runs):
-  base, workdir, _, meta, exported = runs["sd15"]
+  base, workdir, _, meta, exported, _ = runs["sd15"]
   card = open(os.path.join(exported, "README.md")).read()
   rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
   last_train = [r for r in rows if "train/loss" in r][-1]
   last_eval = [r for r in rows if "eval/loss" in r][-1]
-  assert meta["step"] == 2 and "**2 steps**" in card and base in card
-  assert f"| 2 | train/loss | {last_train['train/loss']:.6g} |" in card
-  assert f"| 2 | eval/loss | {last_eval['eval/loss']:.6g} |" in card
+  assert meta["step"] == 3 and "**3 steps**" in card and base in card
+  assert f"| 3 | train/loss | {last_train['train/loss']:.6g} |" in card
+  assert f"| 3 | eval/loss | {last_eval['eval/loss']:.6g} |" in card
   assert "StableDiffusionPipeline.from_pretrained" in card and '"beta": 5000.0' in card
   card_xl = open(os.path.join(runs["sdxl"][4], "README.md")).read()
-  assert "StableDiffusionXLPipeline.from_pretrained" in card_xl and '"objective": "sft"' in card_xl
+  assert "StableDiffusionXLPipeline.from_pretrained" in card_xl and '"objective": "dpo"' in card_xl
 
 
 def test_cli_float16_unet_only(runs, tmp_path):
-  _, workdir, _, _, exported = runs["sd15"]
+  _, workdir, _, _, exported, _ = runs["sd15"]
   out = tmp_path / "fp16"
   cmd = [sys.executable, "-m", "dpo_jax.export", f"--checkpoint={workdir}", f"--output={out}"]
   cmd += ["--dtype=float16", "--unet_only"]  # --base: the run's pretrained_path.
@@ -232,7 +233,7 @@ def test_cli_float16_unet_only(runs, tmp_path):
 
 
 def test_bfloat16_and_explicit_base(runs, tmp_path):
-  base, workdir, _, _, exported = runs["sd15"]
+  base, workdir, _, _, exported, _ = runs["sd15"]
   out = export.export(workdir, str(tmp_path / "bf16"), base=base, dtype="bfloat16")
   with safetensors.safe_open(os.path.join(out, "unet", WEIGHTS), "numpy") as f:
     dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
@@ -245,7 +246,7 @@ def test_bfloat16_and_explicit_base(runs, tmp_path):
 
 def test_flax_msgpack_base_gives_the_same_export(runs, tmp_path):
   """A base whose UNet is Flax msgpack: PyTorch keys from torch's model on the meta device."""
-  base, workdir, _, _, exported = runs["sdxl"]
+  base, workdir, _, _, exported, _ = runs["sdxl"]
   flax_base = tmp_path / "flax_base"
   shutil.copytree(base, flax_base)
   os.remove(flax_base / "unet" / WEIGHTS)
@@ -265,7 +266,7 @@ def test_flax_msgpack_base_gives_the_same_export(runs, tmp_path):
 
 
 def test_errors_name_the_path(runs, tmp_path):
-  sd15_base, workdir, _, _, _ = runs["sd15"]
+  sd15_base, workdir, _, _, _, _ = runs["sd15"]
   sdxl_base = runs["sdxl"][0]
   missing = tmp_path / "no_run"
   with pytest.raises(FileNotFoundError, match=f"No checkpoint at {missing}"):
