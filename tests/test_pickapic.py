@@ -30,8 +30,6 @@ from tests.fixtures import (
 RES = 16
 GLOBAL_BATCH = 6  # 20 clean rows -> 3 batches per epoch, 2 rows left over.
 
-# tests/test_pretrained_train.py still imports these two from here.
-
 
 def _bomb_jpeg() -> bytes:
   """A few hundred bytes whose header declares 30000 x 30000 pixels."""
