@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import json
 import os
 import subprocess
 import sys
@@ -189,6 +190,31 @@ def run_train_cli_two_processes(workdir: str, timeout: float, **extra) -> list[s
     return ["bash", script, *args[3:]], env
 
   return _run_pair(command, timeout)
+
+
+def read_jsonl(workdir: str) -> dict:
+  """{step: row} of the `train/*` rows of a run's metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {r["step"]: r for r in rows if "train/loss" in r}
+
+
+def load_params(workdir: str, step: int):
+  """A checkpoint's UNet params as numpy, whatever mesh or process count saved them."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  ckptr = ocp.StandardCheckpointer()
+  # Restore onto one local device whatever topology saved it (e.g. 2 processes).
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+    ckptr.metadata(path).item_metadata,
+  )
+  restored = ckptr.restore(path, abstract)
+  return jax.tree.map(np.asarray, restored["train_state"]["params"])
 
 
 def tiny_pipeline_train_config(kind: str, pipeline_dir: str, parquet_dir: str, **extra):

@@ -1,7 +1,7 @@
 """Multi-process start-up: environment detection and the launch scripts' commands.
 
 The real 2-process run of the CLI through scripts/multinode.sh is in
-test_train.py (it also checks the result against 1 and 8 devices).
+test_device_agreement.py (it also checks the result against 1 and 8 devices).
 """
 
 import os
