@@ -94,14 +94,14 @@ def make_grid(
   scored: Mapping[str, tuple[np.ndarray, np.ndarray]], num_prompts: int, seeds_per_prompt: int
 ) -> np.ndarray:
   """uint8 grid: a row per prompt, `_GRID_SEEDS` columns per model, white gutters."""
+  from dpo_jax import sample
+
   k = min(_GRID_SEEDS, seeds_per_prompt)
   blocks = []
   for images, _ in scored.values():
     h, w = images.shape[1:3]
-    per = images.reshape(num_prompts, seeds_per_prompt, h, w, 3)[:, :k]
-    per = np.pad(per, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)), constant_values=255)
-    rows = np.concatenate(list(np.concatenate(list(per[i]), axis=1) for i in range(num_prompts)))
-    blocks.append(np.pad(rows, ((0, 0), (0, 6), (0, 0)), constant_values=255))
+    per = images.reshape(num_prompts, seeds_per_prompt, h, w, 3)[:, :k].reshape(-1, h, w, 3)
+    blocks.append(np.pad(sample.grid_image(per, k), ((0, 0), (0, 6), (0, 0)), constant_values=255))
   grid = np.concatenate(blocks, axis=1)
   return grid.repeat(_SCALE, axis=0).repeat(_SCALE, axis=1)
 
