@@ -342,7 +342,8 @@ def main(argv: Sequence[str]) -> None:
       )
   if not pipeline_path:
     raise ValueError("Pass --checkpoint=WORKDIR_OR_STEP_DIR and/or --pipeline=DIFFUSERS_DIR.")
-  pipeline = loader.load_pipeline(pipeline_path)
+  # The base UNet's weights are read only when they are what gets sampled.
+  pipeline = loader.load_pipeline(pipeline_path, unet_weights=params is None)
   params = pipeline.unet_params if params is None else params
   prompts = prompts_lib.load_prompts(f.prompts)
   k = f.num_images_per_prompt

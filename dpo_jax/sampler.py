@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax.diffusion import PREDICTION_TYPES
+
 with warnings.catch_warnings():
   warnings.simplefilter("ignore", FutureWarning)
   from diffusers import FlaxDDIMScheduler
@@ -43,7 +45,6 @@ Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 Loop = Callable[[Denoiser, jax.Array], jax.Array]
 
 SCHEDULERS = ("ddim", "euler", "dpmpp")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # Options of diffusers' Euler / DPM-Solver schedulers with the only value implemented here.
 _FIXED_OPTIONS = {
