@@ -47,10 +47,15 @@ class SampleEval:
   out_dir: str
   columns: int
   mesh: Mesh
-  # Compiled sampler and replicated encoders, built on first use (the UNet
-  # params' sharding is known only then) and reused at every evaluation.
+  # Text encoder(s) and VAE replicated over the mesh: `share_encoders` (the
+  # trainer's data-encoder copy), else placed on first use.
+  frozen: Any = None
+  # Compiled on first use (the UNet params' sharding is known only then).
   _sample_fn: Any = None
-  _frozen: Any = None
+
+  def share_encoders(self, placed: Mapping[str, Any]) -> None:
+    """Samples with encoder params already replicated over the mesh (no second device copy)."""
+    self.frozen = {k: placed[k] for k in encode.frozen_params(self.pipeline)}
 
   def __call__(self, step: int, unet_params: Any, writer: Any) -> dict[str, float]:
     if self._sample_fn is None:
@@ -60,7 +65,8 @@ class SampleEval:
         mesh=self.mesh,
         unet_sharding=sample.unet_shardings(unet_params, self.mesh),
       )
-      self._frozen = jax.device_put(
+    if self.frozen is None:
+      self.frozen = jax.device_put(
         encode.frozen_params(self.pipeline), sharding.replicated(self.mesh)
       )
     images = sample.generate(
@@ -71,7 +77,7 @@ class SampleEval:
       self.settings,
       mesh=self.mesh,
       sample_fn=self._sample_fn,
-      frozen=self._frozen,
+      frozen=self.frozen,
     )
     out = {
       f"sample_eval/{name}": float(np.mean(scorer(images, self.prompts)))

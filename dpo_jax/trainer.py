@@ -172,6 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return {"state": state, "train": {}, "eval": {}, "history": [], "flops_per_step": float("nan")}
 
   frozen = None if data.frozen is None else jax.device_put(data.frozen, repl)
+  if sample_evaluator is not None and frozen is not None:
+    # The data encoder's replicated VAE / text encoders serve sampling too.
+    sample_evaluator.share_encoders(frozen)
   if data.encoder is None:
     to_step_batch = lambda raw: raw
   else:

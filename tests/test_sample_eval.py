@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from dpo_jax import sample
@@ -84,10 +85,32 @@ def test_sample_eval_needs_a_pipeline():
   assert sample_eval.make_sample_eval(config, "/tmp/unused", sample.make_mesh()) is None
 
 
+def test_share_encoders_uses_the_placed_arrays(random_toy_pipeline):  # noqa: F811
+  """The trainer hands its replicated data-encoder params over: no second device copy."""
+  import jax
+
+  from configs import toy as toy_config
+  from dpo_jax import sample_eval, sharding
+  from dpo_jax.data import encode
+
+  c = toy_config.get_config()
+  c.unlock()
+  c.pretrained_path = random_toy_pipeline
+  c.sample_eval.every = 1
+  mesh = sample.make_mesh()
+  ev = sample_eval.make_sample_eval(c, "/tmp/unused", mesh)
+  assert ev.frozen is None
+  # What the data side places: the encoders, plus RPO's CLIP tower when used.
+  data_frozen = {**encode.frozen_params(ev.pipeline), "rpo_clip": {"w": np.ones(3, np.float32)}}
+  placed = jax.device_put(data_frozen, sharding.replicated(mesh))
+  ev.share_encoders(placed)
+  assert set(ev.frozen) == set(encode.frozen_params(ev.pipeline)) == {"text_encoder"}
+  for got, want in zip(jax.tree.leaves(ev.frozen), jax.tree.leaves(placed["text_encoder"])):
+    assert got is want
+
+
 def test_sampling_over_two_processes_with_fsdp_params_matches_one_process(tmp_path):
   """The in-training sampling path: a 2-process mesh, FSDP-sharded UNet, all images everywhere."""
-  import numpy as np
-
   from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline
   from tests import multihost_worker as worker
   from tests.fixtures import run_two_processes
