@@ -42,6 +42,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   # -> random init; the frozen reference is always the initial UNet.
   c.pretrained_path = ""
   c.async_checkpointing = True
+  # Stops at the first NaN produced inside any jitted function (jax_debug_nans;
+  # slow, for debugging a run whose loss turned NaN).
+  c.debug_nans = False
+  # Hang watchdog: warns (with step and process) when no step completes for
+  # `factor` x the median time between metric fetches, and at least
+  # `min_seconds`. 0 = off.
+  c.watchdog = ml_collections.ConfigDict()
+  c.watchdog.factor = 10.0
+  c.watchdog.min_seconds = 120.0
 
   # Device mesh: product must equal the device count; -1 = all remaining.
   c.mesh = ml_collections.ConfigDict()

@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from dpo_jax import logs, stats
 
@@ -302,11 +303,11 @@ def read_metrics_jsonl(workdir: str) -> dict[str, dict[int, float]]:
   Only finite numbers are kept (NaN is logged as a string); after a resume, the
   last value written for a step wins.
   """
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
+  path = epath.Path(workdir) / "metrics.jsonl"  # Local or gs:// (etils.epath).
+  if not path.is_file():
     raise FileNotFoundError(f"Missing {path}: --workdir must be a training workdir.")
   curves: dict[str, dict[int, float]] = {}
-  with open(path, encoding="utf-8") as f:
+  with path.open("r") as f:
     for line in f:
       if not line.strip():
         continue

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -13,6 +12,7 @@ import jax
 import numpy as np
 from absl import logging
 from clu import metric_writers
+from etils import epath
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -23,8 +23,11 @@ class JsonlWriter(metric_writers.MetricWriter):
   """
 
   def __init__(self, path: str):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close().
+    # etils.epath: a gs:// workdir gets its metrics in the bucket, not in a
+    # local folder named "gs:".
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    self._f = path.open("a")  # noqa: SIM115 - closed in close().
 
   def _write(self, step: int, values: Mapping[str, Any]) -> None:
     row = {"step": int(step)}
@@ -74,7 +77,7 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
   if jax.process_index() != 0:
     return metric_writers.MultiWriter([])
   return metric_writers.MultiWriter(
-    [metric_writers.SummaryWriter(workdir), JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
+    [metric_writers.SummaryWriter(workdir), JsonlWriter(epath.Path(workdir) / "metrics.jsonl")]
   )
 
 

@@ -132,6 +132,34 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def check_batch_layout(batch: int, grad_accum: int, num_devices: int, name: str) -> int:
+  """-> pairs per micro-batch; raises unless every device gets the same whole number.
+
+  The batch axis is split over every device of the mesh, one micro-batch
+  (`batch / grad_accum` pairs) at a time. A micro-batch that does not split
+  evenly would be resharded by XLA behind the user's back (2048 pairs,
+  accumulation 128, 64 chips: 16-pair micro-batches on 64 devices), so it is
+  an error that proposes values that work.
+  """
+  if batch % grad_accum == 0 and (batch // grad_accum) % num_devices == 0:
+    return batch // grad_accum
+  accums = [a for a in range(1, batch + 1) if batch % a == 0 and (batch // a) % num_devices == 0]
+  unit = grad_accum * num_devices
+  sizes = sorted({max(unit, batch // unit * unit), -(-batch // unit) * unit})
+  per = (
+    f"{batch} / {grad_accum} = {batch / grad_accum:g} pairs per micro-batch"
+    if grad_accum > 1
+    else f"{batch} pairs"
+  )
+  fix = f"{name} in {sizes} (multiples of {grad_accum} x {num_devices})"
+  if grad_accum > 1 and accums:
+    fix = f"optim.grad_accum in {accums[:8]}, or {fix}"
+  raise ValueError(
+    f"{name}: {per} do not split evenly over the {num_devices} devices "
+    f"of the mesh (each device needs the same whole number of pairs). Use {fix}."
+  )
+
+
 def global_batch_from_local(batch: Any, mesh: Mesh) -> Any:
   """Assembles per-process numpy batches into global jax.Arrays split over the mesh.
 

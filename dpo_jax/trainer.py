@@ -1,4 +1,18 @@
-"""The training loop: build mesh, state, data; compile the step; loop; checkpoint.
+"""The training loop: set up, loop, finish.
+
+`train_and_evaluate` reads top to bottom as three stages:
+
+1. `setup`: check the config against the devices (before anything is
+   written), build mesh, models and data, place the initial policy and the
+   frozen reference, restore or initialise the train state, and compile the
+   step ahead of time.
+2. `train_loop`: per step, the host produces `grad_accum` micro-batches, the
+   frozen encoders encode each one as it arrives (bounded memory: one
+   micro-batch of images at a time, never the global batch), the jitted step
+   accumulates gradients over them; metrics are fetched every `log_every`
+   steps, checkpoints saved every `checkpoint_every` and at a preemption
+   notice.
+3. `finish`: wait for pending saves and close writers.
 
 State setup order (big_vision style): abstract shapes first (`jax.eval_shape`),
 then shardings from the rules, then either an orbax restore straight into
@@ -8,25 +22,28 @@ materialise on one device.
 Resume order:
   1. `workdir/checkpoints`: the newest step that reads back completely
      (params, optimizer state, step, RNG key and data-iterator position).
-  2. otherwise a fresh init from `config.seed`.
+  2. otherwise a fresh init from `config.pretrained_path`, else from `config.seed`.
 The frozen reference is never checkpointed: it is the *initial* policy,
 rebuilt deterministically at every start.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 
-from dpo_jax import checkpoint, metrics, optim, sample_eval, sharding
+from dpo_jax import checkpoint, metrics, optim, preemption, sample_eval, sharding
 from dpo_jax import step as step_lib
 from dpo_jax.data import encode, sources
 from dpo_jax.models import build as build_lib
@@ -51,9 +68,48 @@ def _meta(config: ml_collections.ConfigDict, step: int, mesh) -> dict[str, Any]:
     "config": json.loads(config.to_json_best_effort()),
     "step": step,
     "mesh": dict(mesh.shape),
+    "process_count": jax.process_count(),
     "jax_version": jax.__version__,
     "time": time.time(),
   }
+
+
+def resolve_workdir(workdir: str) -> str:
+  """orbax needs absolute paths; `--workdir=runs/tiny` is relative to the cwd."""
+  workdir = os.fspath(workdir)
+  return workdir if "://" in workdir else os.path.abspath(workdir)
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Config errors that need no file: raised before the workdir is created."""
+  sharding.check_batch_layout(
+    config.data.global_batch_size, config.optim.grad_accum, num_devices, "data.global_batch_size"
+  )
+  sharding.check_batch_layout(config.data.eval_batch_size, 1, num_devices, "data.eval_batch_size")
+
+
+@dataclasses.dataclass
+class Run:
+  """What `setup` hands the loop: everything placed, restored and compiled."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  writer: Any
+  manager: Any
+  data: sources.Data
+  state: step_lib.TrainState
+  ref_params: Any
+  train_rng: jax.Array
+  eval_rng: jax.Array
+  start_step: int
+  train_step: Any  # Compiled (state, ref, batch, rng) -> (state, metrics).
+  eval_step: Callable[..., Any]
+  eval_batch: Any
+  next_batch: Callable[[], Any]  # -> the next global batch in the step's format.
+  flops: float
+  sample_evaluator: sample_eval.SampleEval | None
+  stop: preemption.Preemption
 
 
 def _models_data_and_initial_params(
@@ -98,29 +154,63 @@ def _models_data_and_initial_params(
   return spec, data, abstract_state, state_sh, init_params, evaluator
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config.max_steps` optimizer steps, resuming from `workdir` if possible.
+def _stack_micro_batches(micro: list[Any]) -> Any:
+  """[n] micro-batches of [B/n, ...] -> one [B, ...] batch with micro-batch j at rows i*n + j.
 
-  Returns:
-    {"state": final TrainState, "train": last step's metrics (host floats),
-     "eval": final eval metrics, "history": list of per-step metric dicts of
-     this invocation}.
+  That is the layout `step.loss_and_grads` splits back into micro-batches.
+  Stacking on axis 1 keeps every device's rows on that device: a device holds
+  the same row range of each micro-batch and so of the stacked batch.
   """
-  workdir = os.fspath(workdir)
-  if "://" not in workdir:
-    # orbax requires absolute paths; `--workdir=runs/tiny` is relative to the cwd.
-    workdir = os.path.abspath(workdir)
+  n = len(micro)
+  return jax.tree.map(
+    lambda *xs: jnp.stack(xs, axis=1).reshape((xs[0].shape[0] * n,) + xs[0].shape[1:]), *micro
+  )
+
+
+def _input_stage(config, mesh, data: sources.Data, batch_sh):
+  """-> (encode_local, micro_abstract): local raw micro-batches -> encoded global ones.
+
+  The frozen encoders run in their own jit on one micro-batch at a time: their
+  params are replicated inputs, never optimizer state, never donated, and
+  their activations are bounded by the micro-batch, whatever the global batch.
+  """
+  repl = sharding.replicated(mesh)
+  frozen = None if data.frozen is None else jax.device_put(data.frozen, repl)
+  encoder = None if data.encoder is None else jax.jit(data.encoder)
+
+  def encode_local(local: dict[str, Any]) -> Any:
+    raw = sharding.global_batch_from_local(encode.device_keys(local), mesh)
+    return raw if encoder is None else encoder(frozen, raw)
+
+  raw_abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(
+      (x.shape[0] * jax.process_count(),) + x.shape[1:], x.dtype, sharding=batch_sh
+    ),
+    encode.device_keys(data.train.element_spec),
+  )
+  micro_abstract = (
+    raw_abstract if encoder is None else jax.eval_shape(data.encoder, data.frozen, raw_abstract)
+  )
+  return encode_local, micro_abstract, frozen
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Stage 1: everything the loop needs, restored or initialised, and compiled."""
+  check_config(config, jax.device_count())
   lead = jax.process_index() == 0
+  wd = epath.Path(workdir)
   if lead:
-    os.makedirs(workdir, exist_ok=True)
-    epath.Path(workdir, "config.json").write_text(config.to_json_best_effort(indent=2))
+    wd.mkdir(parents=True, exist_ok=True)
+    (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
+  # Installed before the slow parts (data build, compile), so a SIGTERM that
+  # arrives during them still ends in a clean save after the first step.
+  stop = preemption.Preemption()
   writer = metrics.create_writer(workdir)
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   logging.info(
     "Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size, jax.process_count()
   )
-
   tx, lr_fn = optim.make_optimizer(config.optim, config.max_steps)
   init_rng, _, _ = split_rngs(config.seed)
   spec, data, abstract_state, state_sh, init_params, sample_evaluator = (
@@ -141,7 +231,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p), out_shardings=param_sh
   )(init_params)
 
-  train_iter = data.train
   manager = checkpoint.make_manager(
     os.path.join(workdir, "checkpoints"), config.keep_checkpoints, config.async_checkpointing
   )
@@ -157,123 +246,208 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     start_step, ckpt, data_state = restored
     state, train_rng = ckpt["train_state"], ckpt["rng"]
-    train_iter.set_state(data_state)
+    data.train.set_state(data_state)
     logging.info("Resumed from step %d in %s (data position %s).", start_step, workdir, data_state)
   del init_params
-  if start_step >= config.max_steps:
-    logging.info(
-      "Workdir %s is already at step %d >= max_steps=%d: nothing to train.",
-      workdir,
-      start_step,
-      config.max_steps,
-    )
-    manager.close()
-    writer.close()
-    return {"state": state, "train": {}, "eval": {}, "history": [], "flops_per_step": float("nan")}
 
-  frozen = None if data.frozen is None else jax.device_put(data.frozen, repl)
+  encode_local, micro_abstract, frozen = _input_stage(config, mesh, data, batch_sh)
   if sample_evaluator is not None and frozen is not None:
     # The data encoder's replicated VAE / text encoders serve sampling too.
     sample_evaluator.share_encoders(frozen)
-  if data.encoder is None:
-    to_step_batch = lambda raw: raw
-  else:
-    # Frozen encoders run in their own jit: their params are replicated
-    # inputs, never optimizer state, never donated.
-    encoder = jax.jit(data.encoder)
-    to_step_batch = lambda raw: encoder(frozen, raw)
-  raw_abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(
-      (x.shape[0] * jax.process_count(),) + x.shape[1:], x.dtype, sharding=batch_sh
-    ),
-    encode.device_keys(train_iter.element_spec),
-  )
+  accum = config.optim.grad_accum
+  stack = jax.jit(lambda micro: _stack_micro_batches(micro), out_shardings=batch_sh)
+
+  def next_batch() -> Any:
+    micro = [encode_local(next(data.train)) for _ in range(accum)]
+    return micro[0] if accum == 1 else stack(micro)
+
   batch_abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sh),
-    jax.eval_shape(to_step_batch, raw_abstract),
+    lambda x: jax.ShapeDtypeStruct((x.shape[0] * accum,) + x.shape[1:], x.dtype, sharding=batch_sh),
+    micro_abstract,
   )
   # Ahead-of-time compile: shape/sharding errors surface before any data is
   # read, and the cost analysis gives the step's FLOPs for MFU.
-  train_step = step_lib.jit_train_step(spec, state_sh, param_sh, batch_sh, repl)
-  lowered = train_step.lower(state, ref_params, batch_abstract, train_rng)
+  lowered = step_lib.jit_train_step(spec, state_sh, param_sh, batch_sh, repl).lower(
+    state, ref_params, batch_abstract, train_rng
+  )
   compiled = lowered.compile()
   # From the lowered HLO: whole-mesh FLOPs, including cuDNN/cuBLAS work that a
   # GPU-compiled cost analysis misses, and remat's recomputed forward.
   flops = lowered_flops(lowered)
   logging.info("Compiled train step: %.3g FLOPs/step (whole mesh).", flops)
-  eval_fn = step_lib.jit_eval_step(spec, param_sh, param_sh, batch_sh, repl)
-  eval_global = to_step_batch(
-    sharding.global_batch_from_local(encode.device_keys(data.eval_batch), mesh)
+  return Run(
+    config=config,
+    workdir=workdir,
+    mesh=mesh,
+    writer=writer,
+    manager=manager,
+    data=data,
+    state=state,
+    ref_params=ref_params,
+    train_rng=train_rng,
+    eval_rng=eval_rng,
+    start_step=start_step,
+    train_step=compiled,
+    eval_step=step_lib.jit_eval_step(spec, param_sh, param_sh, batch_sh, repl),
+    eval_batch=_encode_eval_batch(
+      data.eval_batch, encode_local, stack, _leading_dim(data.train.element_spec)
+    ),
+    next_batch=next_batch,
+    flops=flops,
+    sample_evaluator=sample_evaluator,
+    stop=stop,
   )
 
-  if lead and start_step == 0:
+
+def _encode_eval_batch(local: dict[str, Any], encode_local, stack, micro: int) -> Any:
+  """The fixed eval batch, encoded in chunks of one training micro-batch (`micro`
+  local rows) where it divides, so eval never needs more encoder memory than training.
+
+  Chunk j holds local rows j, j + n, ..., so stacking the encoded chunks puts
+  every row back where it was (see `_stack_micro_batches`).
+  """
+  size = len(next(iter(local.values())))
+  n = size // micro if size > micro and size % micro == 0 else 1
+  if n == 1:
+    return encode_local(local)
+  chunks = [{k: v[j::n] for k, v in local.items()} for j in range(n)]
+  return stack([encode_local(c) for c in chunks])
+
+
+def _leading_dim(tree: Any) -> int:
+  return jax.tree.leaves(tree)[0].shape[0]
+
+
+def _first_step_check(config: ml_collections.ConfigDict, m: dict[str, Any]) -> None:
+  """On a fresh run the policy equals the reference, so every DPO/RPO logit must be 0."""
+  if config.objective in ("dpo", "rpo"):
+    step_lib.check_reference_match(jax.device_get(m), config)
+
+
+def train_loop(run: Run) -> dict[str, Any]:
+  """Stage 2: steps from `run.start_step + 1` to `max_steps` or a preemption notice."""
+  config, writer = run.config, run.writer
+  if jax.process_index() == 0 and run.start_step == 0:
     writer.write_hparams(_flat_hparams(config))
-  progress = metrics.ProgressLog(config.max_steps, config.data.global_batch_size, start_step)
+  progress = metrics.ProgressLog(config.max_steps, config.data.global_batch_size, run.start_step)
+  watchdog = preemption.Watchdog(config.watchdog.factor, config.watchdog.min_seconds)
   history: list[dict[str, float]] = []
   pending: list[tuple[int, dict[str, jax.Array]]] = []
-  last_log_time, last_log_step = time.perf_counter(), start_step
-  step = start_step
+  last_log_time, last_log_step = time.perf_counter(), run.start_step
   eval_metrics: dict[str, float] = {}
+  preempted = False
+  state = run.state
+  try:
+    for step in range(run.start_step + 1, config.max_steps + 1):
+      state, m = run.train_step(state, run.ref_params, run.next_batch(), run.train_rng)
+      pending.append((step, m))
+      if step == run.start_step + 1:
+        jax.block_until_ready(m)
+        if run.start_step == 0:
+          _first_step_check(config, m)
+        progress.restart_clock(step)
+        watchdog.tick(step, measure=False)
+        last_log_time, last_log_step = time.perf_counter(), step
 
-  for step in range(start_step + 1, config.max_steps + 1):
-    raw = sharding.global_batch_from_local(encode.device_keys(next(train_iter)), mesh)
-    batch = to_step_batch(raw)
-    state, m = compiled(state, ref_params, batch, train_rng)
-    pending.append((step, m))
-    if step == start_step + 1:
-      jax.block_until_ready(m)
-      progress.restart_clock(step)
-      last_log_time, last_log_step = time.perf_counter(), step
+      preempted = run.stop.reached(step)
+      is_last = step == config.max_steps or preempted
+      if step % config.log_every == 0 or is_last:
+        # The only device->host sync of the loop: every pending step's metrics.
+        fetched = jax.device_get(pending)
+        pending = []
+        now = time.perf_counter()
+        watchdog.tick(step)
+        pairs_per_s = (
+          (step - last_log_step) * config.data.global_batch_size / (now - last_log_time)
+          if step > last_log_step
+          else float("nan")
+        )
+        last_log_time, last_log_step = now, step
+        for s, vals in fetched:
+          row = {k: float(v) for k, v in vals.items()}
+          row["pairs_per_sec"] = pairs_per_s
+          history.append({"step": s, **row})
+          writer.write_scalars(s, {f"train/{k}": v for k, v in row.items()})
+        # Visible to `tail -f`, TensorBoard and scripts while the run goes on.
+        writer.flush()
+        _check_nonfinite(history[-1], config.optim.max_consecutive_nonfinite)
+        progress.maybe_log(step, history[-1]["loss"], force=is_last)
 
-    is_last = step == config.max_steps
-    if step % config.log_every == 0 or is_last:
-      # The only device->host sync of the loop: every pending step's metrics.
-      fetched = jax.device_get(pending)
-      pending = []
-      now = time.perf_counter()
-      pairs_per_s = (
-        (step - last_log_step) * config.data.global_batch_size / (now - last_log_time)
-        if step > last_log_step
-        else float("nan")
-      )
-      last_log_time, last_log_step = now, step
-      for s, vals in fetched:
-        row = {k: float(v) for k, v in vals.items()}
-        row["pairs_per_sec"] = pairs_per_s
-        history.append({"step": s, **row})
-        writer.write_scalars(s, {f"train/{k}": v for k, v in row.items()})
-      _check_nonfinite(history[-1], config.optim.max_consecutive_nonfinite)
-      progress.maybe_log(step, history[-1]["loss"], force=is_last)
+      slow_work = False
+      if (config.eval_every and step % config.eval_every == 0) or is_last:
+        ev = jax.device_get(
+          run.eval_step(state.params, run.ref_params, run.eval_batch, run.eval_rng)
+        )
+        eval_metrics = {k: float(v) for k, v in ev.items()}
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        slow_work = True
 
-    if (config.eval_every and step % config.eval_every == 0) or is_last:
-      ev = jax.device_get(eval_fn(state.params, ref_params, eval_global, eval_rng))
-      eval_metrics = {k: float(v) for k, v in ev.items()}
-      writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+      if run.sample_evaluator and (step % config.sample_eval.every == 0 or is_last):
+        eval_metrics.update(run.sample_evaluator(step, state.params, writer))
+        slow_work = True
 
-    if sample_evaluator and (step % config.sample_eval.every == 0 or is_last):
-      eval_metrics.update(sample_evaluator(step, state.params, writer))
-
-    if step % config.checkpoint_every == 0 or is_last:
-      checkpoint.save(
-        manager,
-        step,
-        {"train_state": state, "rng": train_rng},
-        train_iter.get_state(),
-        _meta(config, step, mesh),
-        force=is_last,
-      )
-
-  manager.wait_until_finished()
-  manager.close()
-  writer.flush()
-  writer.close()
+      if step % config.checkpoint_every == 0 or is_last:
+        checkpoint.save(
+          run.manager,
+          step,
+          {"train_state": state, "rng": run.train_rng},
+          run.data.train.get_state(),
+          _meta(config, step, run.mesh),
+          force=is_last,
+        )
+        slow_work = True
+      if slow_work:
+        watchdog.tick(step, measure=False)
+      if preempted:
+        logging.warning(
+          "Preemption: saved step %d on all processes; rerun the same command to resume.", step
+        )
+        break
+  finally:
+    watchdog.close()
   return {
     "state": state,
     "train": history[-1] if history else {},
     "eval": eval_metrics,
     "history": history,
-    "flops_per_step": flops,
+    "flops_per_step": run.flops,
+    "preempted": preempted,
   }
+
+
+def finish(run: Run) -> None:
+  """Stage 3: waits for the last (async) checkpoint, then closes writers and handlers."""
+  run.manager.wait_until_finished()
+  run.manager.close()
+  run.writer.flush()
+  run.writer.close()
+  run.stop.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config.max_steps` optimizer steps, resuming from `workdir` if possible.
+
+  Returns:
+    {"state": final TrainState, "train": last step's metrics (host floats),
+     "eval": final eval metrics, "history": list of per-step metric dicts of
+     this invocation, "flops_per_step", "preempted": whether a SIGTERM /
+     preemption notice ended the run early (after saving)}.
+  """
+  with jax.debug_nans(bool(config.debug_nans)):
+    run = setup(config, resolve_workdir(workdir))
+    try:
+      if run.start_step >= config.max_steps:
+        logging.info(
+          "Workdir %s is already at step %d >= max_steps=%d: nothing to train.",
+          run.workdir,
+          run.start_step,
+          config.max_steps,
+        )
+        result = {"state": run.state, "train": {}, "eval": {}, "history": []}
+        return dict(result, flops_per_step=float("nan"), preempted=False)
+      return train_loop(run)
+    finally:
+      finish(run)
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

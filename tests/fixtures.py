@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import importlib
 import io
 import json
 import os
@@ -136,11 +138,12 @@ def train_cli(workdir: str, devices: int, **extra) -> tuple[list[str], dict[str,
   return args, env
 
 
-def _run_pair(command, timeout: float) -> list[str]:
+def _run_pair(command, timeout: float, while_running=None) -> list[str]:
   """Runs command(pid, port) -> (args, env) for pids 0 and 1; -> their outputs.
 
-  Fails the test unless both exit 0; after a timeout no process is left
-  waiting on its peer.
+  `while_running(procs)`, if given, is called once both have started (e.g. to
+  signal them). Fails the test unless both exit 0; after a timeout no process
+  is left waiting on its peer.
   """
   port = portpicker.pick_unused_port()
   procs = []
@@ -152,6 +155,8 @@ def _run_pair(command, timeout: float) -> list[str]:
       )
     )
   try:
+    if while_running is not None:
+      while_running(procs)
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
   finally:
     for p in procs:
@@ -176,7 +181,9 @@ def run_two_processes(*worker_args: str, timeout: float) -> list[str]:
   return _run_pair(command, timeout)
 
 
-def run_train_cli_two_processes(workdir: str, timeout: float, **extra) -> list[str]:
+def run_train_cli_two_processes(
+  workdir: str, timeout: float, while_running=None, **extra
+) -> list[str]:
   """`train_cli` as processes 0 and 1 of one job (4 CPU devices each), started through
   scripts/multinode.sh as a user would; -> each process's output."""
 
@@ -189,7 +196,7 @@ def run_train_cli_two_processes(workdir: str, timeout: float, **extra) -> list[s
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
     return ["bash", script, *args[3:]], env
 
-  return _run_pair(command, timeout)
+  return _run_pair(command, timeout, while_running)
 
 
 def read_jsonl(workdir: str) -> dict:
@@ -258,3 +265,43 @@ def torch_unet_inputs(kind: str, cross_attention_dim: int):
       "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32], [64.0, 48, 4, 8, 32, 32]]),
     }
   return x, t, context, added
+
+
+@contextlib.contextmanager
+def fake_gcs():
+  """`gs://` paths through etils.epath land in an in-memory filesystem (a fake bucket).
+
+  epath sends gs:// to TensorFlow's GCS client when TF is installed; here it
+  takes its fsspec backend instead, with fsspec's "gs"/"gcs" protocols bound
+  to a MemoryFileSystem. Yields the store ({path: file}), emptied on exit.
+  TensorBoard event files (TensorFlow) and orbax checkpoints (TensorStore)
+  use their own GCS clients, which this does not fake.
+  """
+  import fsspec
+  from etils.epath import gpath
+  from fsspec.implementations.memory import MemoryFileSystem
+
+  class FakeGCS(MemoryFileSystem):
+    protocol = ("gs", "gcs")
+    store: dict = {}  # noqa: RUF012 - one shared store per fake, as in a real bucket.
+    pseudo_dirs = [""]  # noqa: RUF012
+
+    def __init__(self, *args, finalize_on_close=None, **kwargs):
+      del finalize_on_close  # epath's fsspec backend passes it for gcsfs.
+      super().__init__(*args, **kwargs)
+
+  registry = importlib.import_module("fsspec.registry")._registry
+  saved = {name: registry.get(name) for name in ("gs", "gcs")}
+  for name in ("gs", "gcs"):
+    fsspec.register_implementation(name, FakeGCS, clobber=True)
+  tf_installed = gpath._is_tf_installed
+  gpath._is_tf_installed = lambda: False
+  try:
+    yield FakeGCS.store
+  finally:
+    gpath._is_tf_installed = tf_installed
+    for name, cls in saved.items():
+      registry.pop(name, None)
+      if cls is not None:
+        registry[name] = cls
+    FakeGCS.store.clear()

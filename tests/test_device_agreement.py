@@ -3,7 +3,12 @@
 Its own module so that pytest-xdist runs it beside the rest of test_train.py.
 """
 
+import json
+import os
+import random
+import signal
 import subprocess
+import time
 
 import jax
 import numpy as np
@@ -17,6 +22,14 @@ from tests.fixtures import (
   run_train_cli_two_processes,
   train_cli,
 )
+
+
+def read_jsonl_if_exists(workdir):
+  """{step: row} so far, {} before the file exists or while a line is half written."""
+  try:
+    return read_jsonl(workdir)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return {}
 
 
 def initial_params(config):
@@ -62,11 +75,33 @@ def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
   # Two processes x 4 devices (gloo collectives), started as users do (the
   # CLI through scripts/multinode.sh), same global mesh and batch: the
   # assembled global batches are identical, so the run agrees up to the
-  # reduction order of cross-process collectives.
+  # reduction order of cross-process collectives. The run is preempted: both
+  # processes get SIGTERM once a random step has finished, agree on a step,
+  # save it and exit 0; a single process then resumes and finishes.
   multi = str(tmp_path / "multihost")
-  outs = run_train_cli_two_processes(multi, 600, max_steps=5, **{"mesh.data": 2, "mesh.fsdp": 4})
+  mesh = {"mesh.data": 2, "mesh.fsdp": 4}
+  signal_after = random.Random().randint(1, 2)
+
+  def preempt(procs):
+    deadline = time.time() + 500
+    while not (read_jsonl_if_exists(multi) and max(read_jsonl(multi)) >= signal_after):
+      assert all(p.poll() is None for p in procs) and time.time() < deadline
+      time.sleep(0.01)
+    for p in procs:
+      p.send_signal(signal.SIGTERM)
+
+  outs = run_train_cli_two_processes(multi, 600, preempt, max_steps=5, **mesh)
+  saved = sorted(int(d) for d in os.listdir(os.path.join(multi, "checkpoints")) if d.isdigit())
+  assert saved and signal_after <= saved[-1] < 5, (signal_after, saved)
   for pid, out in enumerate(outs):
     assert f"process {pid} of 2, 4 local / 8 global devices" in out
+    assert f"Preemption: saved step {saved[-1]}" in out, out[-2000:]
+  # Resumed by one process with all 8 devices: a different host count, same
+  # global mesh and batch order.
+  args, env = train_cli(multi, devices=8, max_steps=5, **mesh)
+  proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"Resumed from step {saved[-1]}" in proc.stderr
   lm = read_jsonl(multi)  # Written by process 0 only.
   assert sorted(lm) == [1, 2, 3, 4, 5]
   for s in lm:

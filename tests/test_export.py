@@ -12,6 +12,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Everything here is local.
 
+import dataclasses  # noqa: E402
 import filecmp  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -30,6 +31,7 @@ import safetensors.numpy  # noqa: E402
 import torch  # noqa: E402
 
 from dpo_jax import checkpoint, export, trainer  # noqa: E402
+from dpo_jax.data import sources  # noqa: E402
 from dpo_jax.models import loader  # noqa: E402
 from dpo_jax.models.unet import make_unet_apply  # noqa: E402
 from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline  # noqa: E402
@@ -53,7 +55,27 @@ def _train(kind: str, root) -> tuple[str, str, dict]:
   parquet.mkdir()
   write_parquet(str(parquet / "train-00000-of-00001.parquet"), good_rows(20)[0])
   workdir = str(root / "run")
-  result = trainer.train_and_evaluate(tiny_pipeline_train_config(kind, pipe, str(parquet)), workdir)
+  rows_per_encode: list[int] = []
+  make_data = sources.make_data
+
+  def counting_make_data(*args, **kwargs):
+    # Records, at run time, how many pairs each call of the frozen encoders sees.
+    data = make_data(*args, **kwargs)
+    encoder = data.encoder
+
+    def counted(frozen, raw):
+      jax.debug.callback(lambda n: rows_per_encode.append(int(n)), raw["pixels_w"].shape[0])
+      return encoder(frozen, raw)
+
+    return dataclasses.replace(data, encoder=counted)
+
+  sources.make_data = counting_make_data
+  try:
+    config = tiny_pipeline_train_config(kind, pipe, str(parquet))
+    result = trainer.train_and_evaluate(config, workdir)
+  finally:
+    sources.make_data = make_data
+  result["rows_per_encode"] = rows_per_encode
   return pipe, workdir, result
 
 
@@ -83,6 +105,9 @@ def test_dpo_steps_on_tiny_pipeline(kind, runs):
   report = json.load(open(os.path.join(workdir, "data_report.json")))
   assert report["splits"]["train"]["kept"] == 20
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"] and meta["step"] == 3
+  # 16 pairs per step in 2 micro-batches: the VAE and text encoders run on 8
+  # pairs at a time (3 steps x 2, plus the 8-pair eval batch), never on 16.
+  assert result["rows_per_encode"] == [8] * 7
 
 
 def _flat(tree) -> dict:

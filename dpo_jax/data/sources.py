@@ -32,8 +32,8 @@ class Data:
   """Everything the trainer needs from the data side.
 
   Attributes:
-    train: iterator of per-process batches with `element_spec`, `get_state`,
-      `set_state`.
+    train: iterator of per-process micro-batches (`micro_batch_size` pairs
+      over all processes) with `element_spec`, `get_state`, `set_state`.
     eval_batch: a fixed per-process batch (same format as `train`'s).
     uncond: empty-prompt conditioning for caption dropout.
     encoder: (frozen_params, global raw batch) -> global batch in the step's
@@ -46,6 +46,15 @@ class Data:
   uncond: dict[str, np.ndarray]
   encoder: Callable[[Any, Batch], Batch] | None = None
   frozen: Any = None
+
+
+def micro_batch_size(config: ml_collections.ConfigDict) -> int:
+  """Pairs per `next()` of a train iterator: one micro-batch of the global batch.
+
+  The trainer pulls `optim.grad_accum` of them per optimizer step, so the host
+  never holds (and the encoders never see) the whole global batch at once.
+  """
+  return config.data.global_batch_size // config.optim.grad_accum
 
 
 def make_data(config: ml_collections.ConfigDict, models: Models, workdir: str) -> Data:
@@ -72,7 +81,7 @@ def _cache(config: ml_collections.ConfigDict) -> Data:
   arrays = cache.select_arrays(arrays, config.data.cache_dir, rpo)
   it = synthetic.ArrayPairIterator(
     arrays,
-    config.data.global_batch_size,
+    micro_batch_size(config),
     seed=config.seed,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
@@ -100,7 +109,7 @@ def _synthetic(config: ml_collections.ConfigDict) -> Data:
   train = synthetic.make_synthetic_pairs(num_examples=data.num_examples, seed=config.seed, **common)
   it = synthetic.ArrayPairIterator(
     train,
-    data.global_batch_size,
+    micro_batch_size(config),
     seed=config.seed,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
@@ -181,7 +190,7 @@ def _pickapic(config: ml_collections.ConfigDict, models: Models, workdir: str) -
     num_threads=data.num_threads,
   )
   train = pipeline.make_pickapic_iterator(
-    built, "train", global_batch_size=data.global_batch_size, seed=config.seed, **common
+    built, "train", global_batch_size=micro_batch_size(config), seed=config.seed, **common
   )
   eval_split = data.eval_split if data.eval_split in pickapic.split_files(data.path) else "train"
   if eval_split != data.eval_split:

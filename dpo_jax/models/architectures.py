@@ -47,3 +47,47 @@ ARCHITECTURES = {
   "sd15": (SD15_UNET, 64, 77, None),
   "sdxl": (SDXL_UNET, 128, 77, 1280),
 }
+
+# The frozen encoders of the public pipelines (`vae/config.json`,
+# `text_encoder*/config.json`), for planning the encode stage's memory.
+SD_VAE: dict[str, Any] = {
+  "in_channels": 3,
+  "out_channels": 3,
+  "down_block_types": ("DownEncoderBlock2D",) * 4,
+  "up_block_types": ("UpDecoderBlock2D",) * 4,
+  "block_out_channels": (128, 256, 512, 512),
+  "layers_per_block": 2,
+  "latent_channels": 4,
+  "norm_num_groups": 32,
+  "sample_size": 512,
+}
+
+# CLIP ViT-L/14 text tower (SD1.5's text encoder, SDXL's first).
+CLIP_L_TEXT: dict[str, Any] = {
+  "vocab_size": 49408,
+  "hidden_size": 768,
+  "intermediate_size": 3072,
+  "num_hidden_layers": 12,
+  "num_attention_heads": 12,
+  "max_position_embeddings": 77,
+  "hidden_act": "quick_gelu",
+  "projection_dim": 768,
+}
+
+# OpenCLIP ViT-bigG/14 text tower with projection (SDXL's text_encoder_2).
+CLIP_BIGG_TEXT: dict[str, Any] = {
+  "vocab_size": 49408,
+  "hidden_size": 1280,
+  "intermediate_size": 5120,
+  "num_hidden_layers": 32,
+  "num_attention_heads": 20,
+  "max_position_embeddings": 77,
+  "hidden_act": "gelu",
+  "projection_dim": 1280,
+}
+
+# kind -> (VAE, text encoder, text_encoder_2 or None)
+ENCODERS = {
+  "sd15": (SD_VAE, CLIP_L_TEXT, None),
+  "sdxl": (dict(SD_VAE, sample_size=1024), CLIP_L_TEXT, CLIP_BIGG_TEXT),
+}

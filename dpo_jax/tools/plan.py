@@ -11,7 +11,9 @@ and shardings with `jax.eval_shape` (no weights are created or loaded), then
 ahead-of-time lowers and compiles one optimizer micro-step of the configured
 objective on forced host CPU devices (`--xla_force_host_platform_device_count`)
 and prints, per device: parameter + optimizer bytes, frozen-reference bytes,
-XLA's temp (activation) memory, and FLOPs per step and per pair. With gradient
+XLA's temp (activation) memory, and FLOPs per step and per pair; then the
+same for the frozen encoders' stage on one micro-batch (VAE on both images
+and the text encoders, as the trainer runs them) and the resulting peak. With gradient
 accumulation the step is planned for one micro-batch (global_batch_size /
 grad_accum pairs); a full optimizer step is grad_accum of them. CPU
 compilation only estimates accelerator memory: layouts, fusion and scheduling
@@ -83,6 +85,7 @@ def plan(
   fsdp: int,
   compile_step: bool = True,
   remat: str | None = None,
+  encode_stage: bool = False,
 ) -> dict[str, Any]:
   """Lowers (and unless `compile_step` is False, compiles) one micro-step.
 
@@ -92,6 +95,8 @@ def plan(
     data, fsdp: the mesh (the first data*fsdp devices of this process).
     compile_step: also compile, for XLA's temp memory; False plans FLOPs only.
     remat: remat policy of the trained UNet; None = `config.model.remat`.
+    encode_stage: also plan the frozen encoders on one micro-batch
+      (`plan_encode`): what a run from images (not a latent cache) adds.
 
   Returns:
     Per-device bytes and FLOPs (temp bytes NaN without compiling), timings.
@@ -154,7 +159,22 @@ def plan(
     mem = compiled.memory_analysis()
     temp_bytes = float(getattr(mem, "temp_size_in_bytes", float("nan")))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+  enc = {}
+  if encode_stage:
+    enc = plan_encode(config, kind, mesh, micro, compile_step)
+  persistent = _bytes_per_device(abstract_state, state_sh) + _bytes_per_device(
+    abstract_ref, state_sh.params
+  )
+  peak = persistent + temp_bytes
+  if enc:
+    peak = (
+      persistent
+      + enc["encoder_param_bytes_per_device"]
+      + max(temp_bytes, enc["encode_temp_bytes_per_device"])
+    )
   return {
+    **enc,
+    "peak_bytes_per_device": peak,
     "kind": kind,
     "objective": c.objective,
     "remat": remat,
@@ -171,6 +191,88 @@ def plan(
     "flops_source": "lowered HLO (step.lowered_flops)",
     "lower_s": lower_s,
     "compile_s": compile_s,
+  }
+
+
+def _encoder_modules(kind: str, dtype: Any) -> tuple[Any, Any, Any, dict[str, Any]]:
+  """(VAE, text encoder, text encoder 2 or None, abstract params) of the published pipeline."""
+  import warnings
+
+  import transformers
+  from diffusers import FlaxAutoencoderKL
+
+  vae_cfg, te_cfg, te2_cfg = architectures.ENCODERS[kind]
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    vae = FlaxAutoencoderKL.from_config(dict(vae_cfg), dtype=dtype)
+    abstract = {"vae": jax.eval_shape(vae.init_weights, jax.random.PRNGKey(0))}
+    modules = []
+    for name, cfg, cls in (
+      ("text_encoder", te_cfg, transformers.FlaxCLIPTextModel),
+      ("text_encoder_2", te2_cfg, transformers.FlaxCLIPTextModelWithProjection),
+    ):
+      if cfg is None:
+        modules.append(None)
+        continue
+      wrapper = cls(transformers.CLIPTextConfig(**cfg), dtype=dtype, _do_init=False)
+      modules.append(wrapper.module)
+      abstract[name] = wrapper.params_shape_tree
+  return vae, modules[0], modules[1], abstract
+
+
+def plan_encode(
+  config: ml_collections.ConfigDict, kind: str, mesh: Any, micro: int, compile_step: bool = True
+) -> dict[str, Any]:
+  """The frozen encoders' stage for one micro-batch: VAE on both images, text encoder(s).
+
+  The trainer runs it once per micro-batch in its own jit (never on the global
+  batch), with the encoder parameters replicated on every device for the
+  whole run; its temporaries are freed before the step runs, so the run's
+  peak is the persistent buffers plus the larger of the two stages' temp.
+  """
+  from dpo_jax.models import conditioning
+
+  dtype = unet_lib.parse_dtype(config.precision.compute_dtype)
+  vae, te, te2, abstract = _encoder_modules(kind, dtype)
+  res = config.data.resolution
+  repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  factor = 0.18215 if kind == "sd15" else 0.13025
+
+  def encode(params, pixels_w, pixels_l, ids):
+    lat = [
+      conditioning.vae_encode(vae, params["vae"], jnp.transpose(p, (0, 3, 1, 2)), factor)
+      for p in (pixels_w, pixels_l)
+    ]
+    if te2 is None:
+      text = conditioning.encode_prompt_sd15(te, params["text_encoder"], ids)
+    else:
+      text = conditioning.encode_prompt_sdxl(
+        te, params["text_encoder"], te2, params["text_encoder_2"], ids, ids
+      )
+    return lat, text
+
+  pixels = jax.ShapeDtypeStruct((micro, res, res, 3), jnp.float32, sharding=batch_sh)
+  ids = jax.ShapeDtypeStruct((micro, 77), jnp.int32, sharding=batch_sh)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
+  t0 = time.perf_counter()
+  lowered = jax.jit(encode).lower(params, pixels, pixels, ids)
+  temp, compile_s = float("nan"), float("nan")
+  if compile_step:
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    compiled = lowered.compile(compiler_options=CPU_COMPILER_OPTIONS if on_cpu else None)
+    temp = float(getattr(compiled.memory_analysis(), "temp_size_in_bytes", float("nan")))
+    compile_s = time.perf_counter() - t0
+  param_bytes = sum(
+    float(np.prod(x.shape, dtype=np.float64)) * jnp.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(abstract)
+  )
+  return {
+    "encode_pairs": micro,
+    "encode_resolution": res,
+    "encoder_param_bytes_per_device": param_bytes,
+    "encode_temp_bytes_per_device": temp,
+    "encode_flops_per_pair": step_lib.lowered_flops(lowered) / micro,
+    "encode_compile_s": compile_s,
   }
 
 
@@ -210,6 +312,7 @@ def main(argv: list[str]) -> None:
     int(parts.get("fsdp", 1)),
     compile_step=not flops_only,
     remat=remat,
+    encode_stage=flags.FLAGS.encode_stage and config.data.source != "cache",
   )
   per_step = r["flops_per_pair"] * r["pairs_per_micro_step"] * r["grad_accum"]
   temp = "not compiled (--flops_only)" if flops_only else _gib(r["temp_bytes_per_device"])
@@ -226,6 +329,16 @@ def main(argv: list[str]) -> None:
     f"  lowered in {r['lower_s']:.0f} s"
     + ("" if flops_only else f", compiled in {r['compile_s']:.0f} s")
   )
+  if "encode_pairs" in r:
+    enc_temp = "not compiled" if flops_only else _gib(r["encode_temp_bytes_per_device"])
+    print(
+      f"  encode stage ({r['encode_pairs']} pairs at {r['encode_resolution']} px per call):"
+      f" encoders {_gib(r['encoder_param_bytes_per_device'])} / device (replicated),"
+      f" XLA temp {enc_temp} / device,"
+      f" {r['encode_flops_per_pair'] / 1e12:.2f} TFLOP / pair"
+    )
+  if not flops_only:
+    print(f"  peak / device (persistent + larger stage temp): {_gib(r['peak_bytes_per_device'])}")
   if flags.FLAGS.out:
     with open(flags.FLAGS.out, "w") as f:
       json.dump(r, f, indent=2)
@@ -241,5 +354,8 @@ if __name__ == "__main__":
   flags.DEFINE_bool("flops_only", False, "Lower only (no compile, no temp memory): fast FLOPs.")
   flags.DEFINE_string("remat", "", "Remat policy override (default: config; none if flops_only).")
   flags.DEFINE_string("out", "", "Optional JSON output path.")
+  flags.DEFINE_bool(
+    "encode_stage", True, "Also plan the frozen VAE / text encoders on one micro-batch."
+  )
   flags.mark_flags_as_required(["config"])
   app.run(main)
