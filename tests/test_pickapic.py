@@ -518,3 +518,19 @@ def test_clip_text_clean():
   from dpo_jax.models import conditioning
 
   assert conditioning.clip_text_clean("  ＦＵＬＬ\twidth’s &amp;amp; ") == "full width's &"
+
+
+def test_leftover_rows_logged_once_per_epoch(world, caplog):
+  caplog.set_level("INFO")
+  it = _iterator(world, seed=4)
+  batches = _take(it, 2 * it.batches_per_epoch)
+  it.close()
+  logged = [r.getMessage() for r in caplog.records if "left over" in r.getMessage()]
+  assert len(logged) == 2  # One line per epoch.
+  src = pickapic.open_split(os.fspath(world["data_dir"]), "train")
+  for epoch, line in enumerate(logged):
+    used = _ids(batches[epoch * 3 : (epoch + 1) * 3])
+    # Independently: the rows of the epoch no batch used.
+    rest = sorted(r for r in range(len(src)) if int(src[r]["example_id"]) not in used)
+    assert f"Data epoch {epoch}: 2 of 20 rows left over" in line and str(rest) in line
+    assert it.leftover_rows(epoch).tolist() != [] and sorted(it.leftover_rows(epoch)) == rest
