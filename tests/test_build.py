@@ -7,7 +7,6 @@ cache writer (`build.prepare_dataset`) run at start-up.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -43,7 +42,8 @@ def _bad_rows():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-  """Train: 3 files of unequal length (17 clean + 5 bad rows); validation: 1 file of 3."""
+  """Train: 3 files of unequal length (17 clean + 5 bad rows); validation: 1 file of 2 clean
+  rows then 2 ties, so that process 1 of 2 keeps no validation row at all."""
   pq_dir = tmp_path_factory.mktemp("pq")
   good, _ = good_rows(17)
   bad, reasons = _bad_rows()
@@ -51,7 +51,10 @@ def shards(tmp_path_factory):
   write_parquet(str(pq_dir / "train-00000-of-00003.parquet"), rows[:3])
   write_parquet(str(pq_dir / "train-00001-of-00003.parquet"), rows[3:15])
   write_parquet(str(pq_dir / "train-00002-of-00003.parquet"), rows[15:])
-  write_parquet(str(pq_dir / "validation_unique-00000-of-00001.parquet"), good_rows(3, 5000)[0])
+  ties = [pickapic_row(6000 + k, "tie", jpeg(RED), jpeg(BLUE), 0.5, 0.5) for k in range(2)]
+  write_parquet(
+    str(pq_dir / "validation_unique-00000-of-00001.parquet"), good_rows(2, 5000)[0] + ties
+  )
   return dict(dir=str(pq_dir), rows=rows, reasons=reasons)
 
 
@@ -100,8 +103,13 @@ def test_two_processes_build_what_one_builds(shards, tmp_path):
   two = roots[0]
   with open(os.path.join(two, "manifest.json")) as f:
     manifest = json.load(f)
-  # Each process built a share of each split: 22 train rows -> 11 + 11.
-  assert [sum(p["num_examples"].values()) > 0 for p in manifest["parts"]] == [True, True]
+  # Each process built a share of each split: 22 train rows -> 11 + 11; of the validation
+  # rows process 1 kept none (2 ties), which TFDS cannot write: counted, no folder.
+  assert [p["num_examples"] for p in manifest["parts"]] == [
+    {"train": 9, "validation_unique": 2},
+    {"train": 8, "validation_unique": 0},
+  ]
+  assert manifest["parts"][1]["data_dirs"]["validation_unique"] is None
   one = build.build_parallel(shards["dir"], str(tmp_path / "one"), **OPTIONS)
   assert os.path.basename(one) == os.path.basename(two)  # Same options, same shards.
   for split in ("train", "validation_unique"):
@@ -110,6 +118,8 @@ def test_two_processes_build_what_one_builds(shards, tmp_path):
   assert _counts(rep_two) == _counts(rep_one)
   train = rep_two["splits"]["train"]
   assert (train["rows"], train["kept"]) == (22, 17)
+  val = rep_two["splits"]["validation_unique"]
+  assert (val["rows"], val["kept"], val["skipped_by_reason"]["tie"]) == (4, 2, 2)
   expected = {r: 0 for r in decode.SKIP_REASONS}
   for reason in shards["reasons"].values():
     expected[reason] += 1
@@ -132,24 +142,25 @@ def test_two_processes_build_what_one_builds(shards, tmp_path):
 def test_row_shares_cover_each_split_once_in_order(shards):
   shares = build.row_ranges(shards["dir"], None, 3)
   assert [s["train"] for s in shares] == [(0, 7), (7, 14), (14, 22)]
-  # One validation file of 3 rows still splits; a share may lack a split.
-  assert [s.get("validation_unique") for s in shares] == [(0, 1), (1, 2), (2, 3)]
+  # One validation file of 4 rows still splits.
+  assert [s.get("validation_unique") for s in shares] == [(0, 1), (1, 2), (2, 4)]
   capped = build.row_ranges(shards["dir"], 5, 2)
   assert [s["train"] for s in capped] == [(0, 2), (2, 5)]
   assert build.row_ranges(shards["dir"], 1, 2)[0] == {}  # More processes than rows.
 
 
-def test_max_examples_share_reads_its_rows(shards, tmp_path):
-  """A share of rows [start, stop) keeps the parquet rows start..stop-1 (across files)."""
-  config = dataclasses.replace(
-    pickapic.make_config(**OPTIONS), row_ranges={"train": (2, 9)}, check_skip_rate=False
-  )
-  b = pickapic.build_pickapic(shards["dir"], str(tmp_path), config=config)
-  report = pickapic.load_data_report(b.data_dir)["splits"]
-  assert list(report) == ["train"] and report["train"]["rows"] == 7
+def test_a_share_reads_its_rows(shards, tmp_path):
+  """Rows [start, stop) of a split are the parquet rows start..stop-1 (across files)."""
+  config = pickapic.make_config(**OPTIONS)
+  data_dir, report = pickapic.build_rows(shards["dir"], str(tmp_path / "a"), config, "train", 2, 9)
+  assert report["rows"] == 7 and pickapic.load_data_report(data_dir)["splits"]["train"] == report
   want = [r["ranking_id"] for r in shards["rows"][2:9] if r["ranking_id"] not in shards["reasons"]]
-  src = pickapic.open_split(b.data_dir, "train")
+  src = pickapic.open_split(data_dir, "train")
   assert [int(src[i]["example_id"]) for i in range(len(src))] == want
+  # Rows 4 and 5 are both bad: nothing to write, but both are counted.
+  data_dir, report = pickapic.build_rows(shards["dir"], str(tmp_path / "b"), config, "train", 4, 6)
+  assert data_dir is None and (report["rows"], report["kept"]) == (2, 0)
+  assert {e["id"] for e in report["skipped_examples"]} == {3000, 3001}
 
 
 def test_fingerprint_follows_content_not_path_or_mtime(shards, tmp_path):

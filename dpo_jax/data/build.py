@@ -12,7 +12,7 @@ one machine: without this step the first training run does the same build.
 
 Every process builds its share: rows [p N / P, (p + 1) N / P) of each split
 (the split's files concatenated, N its rows), as its own TFDS build in
-`<root>/part-<p>-of-<P>/`. Nothing is shared while writing, so nothing races;
+`<root>/part-<p>-of-<P>/<split>/`. Nothing is shared while writing, so nothing races;
 the full Pick-a-Pic train split (≈ 959 k rows, ≈ 3 h on one process at
 80–100 rows/s) takes 1/P of that. When a process finishes it writes
 `part-<p>-of-<P>.done.json` (its data report and row counts); process 0 waits
@@ -147,16 +147,15 @@ def _build_share(
   (root / f"{part}.started").write_text(str(os.getpid()))
   t0 = time.time()
   try:
-    if ranges:
-      part_config = dataclasses.replace(config, row_ranges=ranges, check_skip_rate=False)
-      # Each share is its own TFDS build in its own folder: no two processes
-      # ever rename into the same TFDS directory.
-      builder = pickapic.build_pickapic(parquet_dir, os.fspath(root / part), config=part_config)
-      data_dir = os.path.relpath(os.fspath(builder.data_dir), os.fspath(root))
-      report = pickapic.load_data_report(builder.data_dir)
-      num_examples = {s: int(i.num_examples) for s, i in builder.info.splits.items()}
-    else:  # More processes than rows.
-      data_dir, report, num_examples = None, {"splits": {}}, {}
+    splits, data_dirs = {}, {}
+    for split, (start, stop) in ranges.items():
+      # One TFDS build per split and share, each in its own folder: no two
+      # processes ever rename into the same TFDS directory, and a share that
+      # keeps no row of a split (TFDS cannot write that) costs no other split.
+      built, splits[split] = pickapic.build_rows(
+        parquet_dir, os.fspath(root / part / split), config, split, start, stop
+      )
+      data_dirs[split] = os.fspath(epath.Path(built).relative_to(root)) if built else None
   except Exception as e:
     pickapic.write_json_atomic(
       {"process": index, "time": time.time(), "error": f"{type(e).__name__}: {e}"},
@@ -164,15 +163,8 @@ def _build_share(
     )
     raise
   seconds = time.time() - t0
-  rows = sum(r["rows"] for r in report["splits"].values())
-  done = dict(
-    data_dir=data_dir,
-    num_examples=num_examples,
-    ranges=ranges,
-    splits=report["splits"],
-    rows=rows,
-    seconds=seconds,
-  )
+  rows = sum(r["rows"] for r in splits.values())
+  done = dict(data_dirs=data_dirs, ranges=ranges, splits=splits, rows=rows, seconds=seconds)
   pickapic.write_json_atomic(done, os.fspath(root / f"{part}.done.json"))
   logging.info(
     "Data build share %d/%d: %d rows in %.0f s (%.1f rows/s).",
@@ -244,7 +236,10 @@ def _merge(
     },
   }
   pickapic.write_data_report(report, os.fspath(root / "data_report.json"))
-  parts = [{"data_dir": d["data_dir"], "num_examples": d["num_examples"]} for d in done]
+  parts = [
+    {"data_dirs": d["data_dirs"], "num_examples": {s: r["kept"] for s, r in d["splits"].items()}}
+    for d in done
+  ]
   # Written last: its presence means the build is complete.
   pickapic.write_json_atomic({"parts": parts}, os.fspath(root / pickapic.MANIFEST))
 
@@ -272,8 +267,9 @@ def prepare_dataset(config: ml_collections.ConfigDict, tfds_dir: str) -> str:
   import jax
 
   root = build_dataset(config, tfds_dir, jax.process_index(), jax.process_count())
-  for split, r in pickapic.load_data_report(root)["splits"].items():
-    logging.info("Data %s: %s", split, {k: v for k, v in r.items() if k != "skipped_examples"})
+  if jax.process_index() == 0:
+    for split, r in pickapic.load_data_report(root)["splits"].items():
+      logging.info("Data %s: %s", split, {k: v for k, v in r.items() if k != "skipped_examples"})
   return root
 
 

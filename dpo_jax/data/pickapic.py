@@ -547,6 +547,37 @@ def build_pickapic(
   return builder
 
 
+def build_rows(
+  parquet_dir: str, data_dir: str, config: PickAPicConfig, split: str, start: int, stop: int
+) -> tuple[str | None, dict[str, Any]]:
+  """Builds rows [start, stop) of one split (a share of a parallel build).
+
+  Args:
+    parquet_dir: directory of parquet shards.
+    data_dir: TFDS data root of this share alone.
+    config: the build's config (its name); the row range is set here.
+    split, start, stop: the rows, counted over the split's files in order.
+
+  Returns:
+    (`builder.data_dir`, or None when no row of the range was kept; the
+    split's report, `SplitReport.to_dict`). TFDS refuses to write a split of
+    zero examples, which a share of a small split can be (say eight
+    validation rows, all ties); its report still counts them.
+  """
+  config = dataclasses.replace(config, row_ranges={split: (start, stop)}, check_skip_rate=False)
+  builder = PickAPicV2(config=config, data_dir=data_dir, file_format="array_record")
+  try:
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=parquet_dir)
+    )
+  except AssertionError as e:
+    report = builder._reports.get(split)
+    if "No examples were yielded" not in str(e) or report is None or report["kept"]:
+      raise
+    return None, report
+  return os.fspath(builder.data_dir), load_data_report(builder.data_dir)["splits"][split]
+
+
 # A parallel build (`dpo_jax.data.build`) is one TFDS build per process share,
 # listed in order by this file in the build's root; `open_split` joins them.
 MANIFEST = "manifest.json"
@@ -588,15 +619,11 @@ def open_split(data_dir: str, split: str = "train") -> Sequence[dict[str, Any]]:
   if not manifest.exists():
     return tfds.builder_from_directory(data_dir).as_data_source(split)
   parts = json.loads(manifest.read_text())["parts"]
-  if not any(p["num_examples"].get(split) for p in parts):
-    known = sorted({s for p in parts for s in p["num_examples"]})
-    raise KeyError(f"No split {split!r} in the build {data_dir}; it has {known}.")
+  dirs = [p["data_dirs"][split] for p in parts if p["data_dirs"].get(split)]
+  if not dirs:
+    known = sorted({s for p in parts for s, d in p["data_dirs"].items() if d})
+    raise KeyError(f"No rows of split {split!r} in the build {data_dir}; it has {known}.")
+  root = epath.Path(data_dir)
   return ConcatSource(
-    [
-      tfds.builder_from_directory(os.fspath(epath.Path(data_dir) / p["data_dir"])).as_data_source(
-        split
-      )
-      for p in parts
-      if p["num_examples"].get(split)
-    ]
+    [tfds.builder_from_directory(os.fspath(root / d)).as_data_source(split) for d in dirs]
   )
