@@ -7,6 +7,10 @@ the kept rows, original fields unchanged, as array_record for random access.
 Every skipped row is counted by reason and listed with its example id in
 `data_report.json` (next to the TFDS files, also in `metadata.json`).
 
+`build_pickapic` builds every row in one process; `dpo_jax.data.build` gives
+each process a share of the rows (`build_rows`) and `open_split` reads the
+shares back as one source, in the same order.
+
 Filtering at build time is what lets the training iterator give every process
 the same number of batches: the index it shuffles is already clean, so nothing
 is dropped on the fly (see `pipeline.py`).
