@@ -16,6 +16,9 @@ INSTALL_REQUIRES = [
   "tensorboard>=2.20",
   "diffusers==0.39.0",
   "transformers>=4.57,<5",
+  # CLIP's caption cleaning (models.conditioning.clip_text_clean), as openai/CLIP.
+  "ftfy>=6.1,<7",
+  "regex>=2023.0",
   "safetensors>=0.4",
   "etils[epath]>=1.7",
   "tensorflow-cpu>=2.20",

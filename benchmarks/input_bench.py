@@ -8,6 +8,11 @@ photos rather than flat colour), builds the checked TFDS array_record set
 time and in process CPU time per pair (the per-core cost, robust to other
 processes on shared cores). Also times `preprocess_pair` alone in one thread.
 
+Then the parallel build (`dpo_jax.data.build`) of the same shard with 1 and 2
+processes (`--build_processes`; plain processes given their index, as the
+CLI's are by jax.distributed): rows/s of each process's share (its TFDS build,
+without interpreter start-up), and the wall time of the whole build.
+
   python benchmarks/input_bench.py --out=benchmarks/results/input_bench.json
 """
 
@@ -17,6 +22,7 @@ import argparse
 import io
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +35,44 @@ import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks import results_io  # noqa: E402
-from dpo_jax.data import pickapic, pipeline  # noqa: E402
+from dpo_jax.data import build, pickapic, pipeline  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BUILD_SHARE = (
+  "import sys; from dpo_jax.data import build; a = sys.argv[1:]; "
+  "build.build_parallel(a[0], a[1], int(a[2]), int(a[3]), num_workers=int(a[4]))"
+)
+
+
+def parallel_build(pq_dir: str, tfds_dir: str, processes: int, threads: int) -> dict:
+  """Builds with `processes` processes at once; -> per-process rows/s and wall seconds."""
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  t0 = time.perf_counter()
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _BUILD_SHARE, pq_dir, tfds_dir, str(p), str(processes), str(threads)],
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for p in range(processes)
+  ]
+  errors = [p.communicate()[1] for p in procs]
+  wall = time.perf_counter() - t0
+  for p, err in zip(procs, errors):
+    if p.returncode:
+      raise RuntimeError(f"Build process failed:\n{err[-3000:]}")
+  root, _ = build.build_root(pq_dir, tfds_dir)
+  report = pickapic.load_data_report(root)
+  return {
+    "processes": processes,
+    "threads_per_process": threads,
+    "rows": report["splits"]["train"]["rows"],
+    "rows_per_s_per_process": report["build"]["rows_per_s"],
+    "wall_s": wall,
+    "rows_per_s_wall": report["splits"]["train"]["rows"] / wall,
+  }
 
 
 def synth_jpeg(rng: np.random.Generator, min_side: int, max_side: int) -> bytes:
@@ -85,6 +128,9 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=8, help="Global (= local) batch size.")
   ap.add_argument("--batches", type=int, default=24, help="Timed batches after warm-up.")
   ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+  ap.add_argument(
+    "--build_processes", default="1,2", help="Parallel builds to time (process counts)."
+  )
   ap.add_argument("--out", default="benchmarks/results/input_bench.json")
   args = ap.parse_args()
 
@@ -132,6 +178,11 @@ def main() -> None:
     it.close()
     assert batch["pixels_w"].shape == (args.batch, args.resolution, args.resolution, 3)
 
+    parallel = []
+    for count in (int(c) for c in args.build_processes.split(",") if c):
+      threads = max(1, args.threads // count)  # The same cores, split between processes.
+      parallel.append(parallel_build(pq_dir, os.path.join(tmp, f"par{count}"), count, threads))
+
   pairs = args.batches * args.batch
   pairs_s = pairs / pipe_s
   # CPU time of all threads per pair: unlike wall time, barely moved by other
@@ -146,6 +197,13 @@ def main() -> None:
     f"build checks: {args.pairs / build_s:.1f} rows/s ({build_s:.2f} s for {args.pairs} rows; "
     f"mean JPEG {kb:.0f} KB, synthesis {synth_s:.1f} s)"
   )
+  for r in parallel:
+    per = ", ".join(f"{x:.1f}" for x in r["rows_per_s_per_process"])
+    print(
+      f"parallel build, {r['processes']} process(es) x {r['threads_per_process']} threads: "
+      f"[{per}] rows/s per process; {r['rows_per_s_wall']:.1f} rows/s over "
+      f"{r['wall_s']:.1f} s wall (with interpreter start-up)"
+    )
   out = {
     "processor": platform.processor(),
     "threads": args.threads,
@@ -158,6 +216,7 @@ def main() -> None:
     "cpu_ms_per_pair": cpu_ms,
     "single_thread_pairs_per_s": single_pairs_s,
     "build_rows_per_s": args.pairs / build_s,
+    "parallel_build": parallel,
   }
   results_io.write_results(out, args.out)
 

@@ -7,8 +7,10 @@ pixels. Bad rows cover every skip reason the brief names.
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -364,3 +366,171 @@ def test_two_real_processes_split_each_global_batch(world):
     assert got[0][b] + got[1][b] == _ids([ref[b]])
   union = {i for p in (0, 1) for batch in got[p] for i in batch}
   assert len(union) == 3 * GLOBAL_BATCH  # No duplicates, nothing missing in the epoch.
+
+
+# ---------------------------------------------------------------------------
+# Caption tokenization: the reference is openai/CLIP's own tokenizer.
+
+
+def _bytes_to_unicode():
+  """openai/CLIP simple_tokenizer.bytes_to_unicode (byte -> printable character)."""
+  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+  bs += list(range(ord("®"), ord("ÿ") + 1))
+  cs, n = bs[:], 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, map(chr, cs)))
+
+
+class _OpenAIClipTokenizer:
+  """openai/CLIP `simple_tokenizer.SimpleTokenizer` + `clip.tokenize`, over given vocab files.
+
+  A transcription of the original (MIT), kept independent of transformers, so
+  it is the yardstick: ftfy.fix_text, HTML unescaped twice, whitespace
+  collapsed, lower case, CLIP's regex, byte-level BPE by merge rank.
+  """
+
+  def __init__(self, directory):
+    import regex
+
+    with open(os.path.join(directory, "vocab.json"), encoding="utf-8") as f:
+      self.encoder = json.load(f)
+    with open(os.path.join(directory, "merges.txt"), encoding="utf-8") as f:
+      merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges if m]
+    self.bpe_ranks = dict(zip(merges, range(len(merges))))
+    self.byte_encoder = _bytes_to_unicode()
+    self.cache = {t: t for t in ("<|startoftext|>", "<|endoftext|>")}
+    self.pat = regex.compile(
+      r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+      regex.IGNORECASE,
+    )
+
+  def bpe(self, token):
+    if token in self.cache:
+      return self.cache[token]
+    word = tuple(token[:-1]) + (token[-1] + "</w>",)
+    while len(word) > 1:
+      pairs = {(a, b) for a, b in zip(word, word[1:])}
+      bigram = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
+      if bigram not in self.bpe_ranks:
+        break
+      new, i = [], 0
+      while i < len(word):
+        if i < len(word) - 1 and (word[i], word[i + 1]) == bigram:
+          new.append(word[i] + word[i + 1])
+          i += 2
+        else:
+          new.append(word[i])
+          i += 1
+      word = tuple(new)
+    self.cache[token] = " ".join(word)
+    return self.cache[token]
+
+  def encode(self, text):
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    text = re.sub(r"\s+", " ", text).strip().lower()
+    ids = []
+    for token in self.pat.findall(text):
+      token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+      ids += [self.encoder[t] for t in self.bpe(token).split(" ")]
+    return ids
+
+  def tokenize(self, texts, context_length=77, pad_id=0):
+    """`clip.tokenize(texts, truncate=True)`, padded with `pad_id` (SD's tokenizers pad
+    with end-of-text, SDXL's second with "!"; openai's own with 0)."""
+    sot, eot = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
+    out = np.full((len(texts), context_length), pad_id, np.int32)
+    for i, text in enumerate(texts):
+      tokens = [sot] + self.encode(text) + [eot]
+      if len(tokens) > context_length:
+        tokens = tokens[:context_length]
+        tokens[-1] = eot
+      out[i, : len(tokens)] = tokens
+    return out
+
+
+# Captions where CLIP's cleaning matters (Pick-a-Pic has many non-English ones).
+TRICKY_CAPTIONS = [
+  "don’t panic",  # Curly quote: ftfy makes it ' so "'t" is one token.
+  "ＦＵＬＬ width",  # Full-width letters: ftfy folds them to ASCII.
+  "一只戴着帽子的猫",  # CJK: one word for CLIP, one word per character without ftfy.
+  "a cat 🐱🎩 in   the rain",
+  "Tom &amp; Jerry &lt;3",  # HTML entities.
+  "<b>bold</b> &amp;amp; co",  # A tag stops ftfy's own unescaping; CLIP's still runs twice.
+  "Ã©lan cafÃ©",  # Mojibake.
+  "  A Photo\tof\nAN astronaut  ",
+  "Привет, мир! Ünïcödé naïve façade",
+  "wow!! so cool!",  # "!" is SDXL's second pad token.
+  "",
+  " ".join(f"word{i}" for i in range(60)),  # > 77 tokens: truncated, end token last.
+]
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizers(tmp_path_factory):
+  """SD's two CLIP BPE tokenizers (pad end-of-text, pad "!") written as real files."""
+  from dpo_jax.tools import make_tiny_pipeline
+
+  root = tmp_path_factory.mktemp("tokenizers")
+  out = {}
+  for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+    tok = make_tiny_pipeline.write_tokenizer(str(root / name), pad_token=pad)
+    out[name] = (tok, _OpenAIClipTokenizer(str(root / name)))
+  return out
+
+
+@pytest.mark.parametrize("name", ["tokenizer", "tokenizer_2"])
+def test_tokenize_equals_openai_clip(clip_tokenizers, name):
+  from dpo_jax.models import conditioning
+
+  tok, ref = clip_tokenizers[name]
+  got = conditioning.tokenize(tok, TRICKY_CAPTIONS)
+  want = ref.tokenize(TRICKY_CAPTIONS, pad_id=tok.pad_token_id)
+  assert got.dtype == np.int32 and got.shape == (len(TRICKY_CAPTIONS), 77)
+  for caption, g, w in zip(TRICKY_CAPTIONS, got, want):
+    assert g.tolist() == w.tolist(), caption
+  assert len(ref.encode(TRICKY_CAPTIONS[-1])) > 75 and got[-1, -1] == tok.eos_token_id
+  # transformers' own call, as the trainer made it before: without ftfy (its fallback
+  # when ftfy is missing) or with it, it differs from CLIP on these captions.
+  plain = lambda t: (
+    t(TRICKY_CAPTIONS, padding="max_length", max_length=77, truncation=True).input_ids
+  )
+  no_ftfy = type(tok).from_pretrained(tok.name_or_path)
+  no_ftfy.fix_text = None
+  from transformers.models.bert.tokenization_bert import BasicTokenizer
+
+  no_ftfy.nlp = BasicTokenizer(strip_accents=False, do_split_on_punc=False)
+  differ = [c for c, p, w in zip(TRICKY_CAPTIONS, plain(no_ftfy), want) if p != w.tolist()]
+  assert {"don’t panic", "ＦＵＬＬ width", "一只戴着帽子的猫"} <= set(differ)
+  differ = [c for c, p, w in zip(TRICKY_CAPTIONS, plain(tok), want) if p != w.tolist()]
+  assert "<b>bold</b> &amp;amp; co" in differ
+  if name == "tokenizer_2":
+    assert "wow!! so cool!" in differ
+
+
+def test_clip_text_clean():
+  from dpo_jax.models import conditioning
+
+  assert conditioning.clip_text_clean("  ＦＵＬＬ\twidth’s &amp;amp; ") == "full width's &"
+
+
+def test_leftover_rows_logged_once_per_epoch(world, caplog):
+  caplog.set_level("INFO")
+  it = _iterator(world, seed=4)
+  batches = _take(it, 2 * it.batches_per_epoch)
+  it.close()
+  logged = [r.getMessage() for r in caplog.records if "left over" in r.getMessage()]
+  assert len(logged) == 2  # One line per epoch.
+  src = pickapic.open_split(os.fspath(world["data_dir"]), "train")
+  for epoch, line in enumerate(logged):
+    used = _ids(batches[epoch * 3 : (epoch + 1) * 3])
+    # Independently: the rows of the epoch no batch used.
+    rest = sorted(r for r in range(len(src)) if int(src[r]["example_id"]) not in used)
+    assert f"Data epoch {epoch}: 2 of 20 rows left over" in line and str(rest) in line
+    assert it.leftover_rows(epoch).tolist() != [] and sorted(it.leftover_rows(epoch)) == rest

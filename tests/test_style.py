@@ -55,6 +55,7 @@ def test_build_style_pairs_counts_duplicates_and_corrupt_images(tmp_path):
     {"caption": "a", "jpg_0": png[0], "jpg_1": png[1]},
     {"caption": "a", "jpg_0": png[0], "jpg_1": png[2]},  # png[0] again: a duplicate.
     {"caption": "b", "jpg_0": b"not an image", "jpg_1": png[0]},  # Same bytes, other caption.
+    {"caption": "c", "jpg_0": b"", "jpg_1": png[1]},  # Zero bytes; png[1] again.
   ]
   src = tmp_path / "src"
   src.mkdir()
@@ -63,23 +64,38 @@ def test_build_style_pairs_counts_duplicates_and_corrupt_images(tmp_path):
   )
   report = style.build_style_pairs(str(src), str(tmp_path / "out"), "amber_duotone")
   r = report["splits"]["train"]
+  # Distinct by content: png[0..2], the non-image and the empty image; the
+  # empty one carries the data build's name for it.
   assert r == {
-    "input_rows": 3,
+    "input_rows": 4,
     "distinct_images": 5,
-    "duplicate_images": 1,
-    "pairs_written": 4,
-    "undecodable": {"non_image": 1},
+    "duplicate_images": 3,
+    "pairs_written": 3,
+    "undecodable": {"non_image": 1, "zero_byte_image": 1},
   }
   table = pq.read_table(str(tmp_path / "out" / "train-00000-of-00001.parquet")).to_pylist()
-  assert [t["caption"] for t in table] == ["a", "a", "a", "b"]
-  assert [t["label_0"] for t in table] == [1.0, 0.0, 1.0, 0.0]  # The winner's column alternates.
+  assert [t["caption"] for t in table] == ["a", "a", "a"]
+  assert [t["label_0"] for t in table] == [1.0, 0.0, 1.0]  # The winner's column alternates.
+  originals = []
   for t in table:
     win, lose = (t["jpg_0"], t["jpg_1"]) if t["label_0"] == 1.0 else (t["jpg_1"], t["jpg_0"])
     lose_img = np.asarray(decode.decode_rgb(lose)[0])
     np.testing.assert_array_equal(np.asarray(decode.decode_rgb(win)[0]), style.duotone(lose_img))
+    originals.append(lose_img)
+  np.testing.assert_array_equal(np.stack(originals), np.stack(imgs))  # Each image once.
   # The set goes through the real checked build (all rows are strict preferences).
   built = pickapic.build_pickapic(str(tmp_path / "out"), str(tmp_path / "tfds"), extra_columns={})
-  assert pickapic.load_data_report(built.data_dir)["splits"]["train"]["kept"] == 4
+  assert pickapic.load_data_report(built.data_dir)["splits"]["train"]["kept"] == 3
+
+
+def test_one_name_for_each_bad_image():
+  """The data build's row check and the decoder (style sets, relabelling) agree."""
+  for data, reason in ((None, "missing_image"), (b"", "zero_byte_image")):
+    with pytest.raises(decode.ImageRejected) as e:
+      decode.decode_rgb(data)
+    assert e.value.reason == reason
+    row = {"label_0": 1.0, "label_1": 0.0, "caption": "x", "jpg_0": data, "jpg_1": b"\x01"}
+    assert decode.check_row(row).reason == reason
 
 
 def _full_row(i, r):

@@ -59,10 +59,10 @@ def write_cache(
   shard_size: int = 256,
 ) -> int:
   """Encodes `split` into `output`; returns the number of examples in the cache."""
-  from dpo_jax.data import pickapic, sources
+  from dpo_jax.data import build, pickapic
 
   pipe = models.pipeline
-  built = sources.build_dataset(config, config.data.tfds_dir or os.path.join(output, "tfds"))
+  built = build.prepare_dataset(config, config.data.tfds_dir or os.path.join(output, "tfds"))
   source = pickapic.open_split(built, split)
   n = len(source)
   res = config.data.resolution
@@ -71,7 +71,7 @@ def write_cache(
   features, embedder = ("rpo_text",), None
   if config.rpo.clip_path:
     features = encode.RPO_FEATURE_KEYS
-    embedder, frozen["rpo_clip"] = sources.rpo_image_embedder(config)
+    embedder, frozen["rpo_clip"] = encode.rpo_image_embedder(config)
   enc = jax.jit(lambda p, raw: encode.encode_batch(pipe, p, raw, res, features, embedder))
   os.makedirs(output, exist_ok=True)
   num_shards = -(-n // shard_size)

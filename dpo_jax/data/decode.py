@@ -36,7 +36,16 @@ SKIP_REASONS = (
   "truncated_image",
   "corrupt_image",  # Any other decoder error.
 )
-IMAGE_REASONS = ("non_image", "oversized_image", "truncated_image", "corrupt_image")
+# What `decode_rgb` can say about one image: every tool that decodes (the
+# build, relabelling, style sets) names a bad image the same way.
+IMAGE_REASONS = (
+  "missing_image",
+  "zero_byte_image",
+  "non_image",
+  "oversized_image",
+  "truncated_image",
+  "corrupt_image",
+)
 
 # Pick-a-Pic images are at most ~1.5k px a side; 4096^2 leaves room for other
 # preference sets and stays well under Pillow's own 89.5 MP bomb warning.
@@ -90,7 +99,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_rgb(
-  data: bytes,
+  data: bytes | None,
   *,
   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
   formats: Sequence[str] = ALLOWED_FORMATS,
@@ -99,7 +108,7 @@ def decode_rgb(
   """Decodes image bytes fully and safely.
 
   Args:
-    data: encoded image.
+    data: encoded image (None or b"" are rejected as missing / zero-byte).
     max_pixels: reject images whose header declares more pixels than this.
     formats: Pillow format names accepted (others count as `non_image`).
     draft_size: (w, h); for JPEG, let libjpeg decode at the smallest 1/2, 1/4
@@ -113,8 +122,10 @@ def decode_rgb(
     ImageRejected: with the reason the image cannot be used.
   """
   _assert_pillow_safety()
-  if not data:
-    raise ImageRejected("non_image", "zero bytes")
+  if data is None:
+    raise ImageRejected("missing_image", "null image bytes")
+  if len(data) == 0:
+    raise ImageRejected("zero_byte_image", "zero bytes")
   try:
     img = Image.open(io.BytesIO(data), formats=list(formats))
   except Image.DecompressionBombError as e:

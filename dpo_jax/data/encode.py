@@ -183,3 +183,20 @@ def empty_prompt_conditioning(pipeline: Pipeline) -> dict[str, np.ndarray]:
 def device_keys(batch: dict[str, Any]) -> dict[str, Any]:
   """Drops host-only fields (ids, strings) before a batch goes to the devices."""
   return {k: v for k, v in batch.items() if k not in HOST_ONLY_KEYS}
+
+
+def rpo_image_embedder(config: Any) -> tuple[ImageEmbedder, Any]:
+  """The frozen CLIP image tower of `config.rpo.clip_path` for RPO's image embeddings.
+
+  Here, not in `sources.py`: the trainer's source and the cache writer both
+  need it, and neither imports the other.
+  """
+  from dpo_jax import scorers
+
+  if not config.rpo.clip_path:
+    raise ValueError(
+      f"rpo.embedding={config.rpo.embedding!r} needs rpo.clip_path: a CLIP model folder "
+      "(transformers format: config.json + model.safetensors or flax_model.msgpack) whose "
+      "image tower embeds the pair images."
+    )
+  return scorers.clip_image_embedder(config.rpo.clip_path)

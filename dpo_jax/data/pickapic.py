@@ -7,6 +7,10 @@ the kept rows, original fields unchanged, as array_record for random access.
 Every skipped row is counted by reason and listed with its example id in
 `data_report.json` (next to the TFDS files, also in `metadata.json`).
 
+`build_pickapic` builds every row in one process; `dpo_jax.data.build` gives
+each process a share of the rows (`build_rows`) and `open_split` reads the
+shares back as one source, in the same order.
+
 Filtering at build time is what lets the training iterator give every process
 the same number of batches: the index it shuffles is already clean, so nothing
 is dropped on the fly (see `pipeline.py`).
@@ -78,22 +82,38 @@ class SkipRateError(RuntimeError):
 
 
 def split_files(parquet_dir: str) -> dict[str, list[str]]:
-  """Parquet shards of a directory grouped by split name, each list sorted."""
-  files = sorted(f for f in os.listdir(parquet_dir) if f.endswith(".parquet"))
+  """Parquet shards of a directory (local or gs://) grouped by split name, each list sorted."""
+  root = epath.Path(parquet_dir)
+  if not root.is_dir():
+    raise FileNotFoundError(f"{parquet_dir} is not a directory of *.parquet files.")
+  files = sorted(f.name for f in root.iterdir() if f.name.endswith(".parquet"))
   if not files:
     raise FileNotFoundError(f"No *.parquet files in {parquet_dir}.")
   splits: dict[str, list[str]] = collections.defaultdict(list)
   for f in files:
     m = _SPLIT_FROM_NAME.match(f)
-    splits[m.group("split") if m else "train"].append(os.path.join(parquet_dir, f))
+    splits[m.group("split") if m else "train"].append(os.fspath(root / f))
   return dict(splits)
+
+
+def _parquet(path: str) -> pq.ParquetFile:
+  # pyarrow reads local paths itself; other filesystems (gs://) go through
+  # epath's file object so no pyarrow filesystem needs configuring.
+  if "://" not in path:
+    return pq.ParquetFile(path)
+  return pq.ParquetFile(epath.Path(path).open("rb"))
+
+
+def num_rows(path: str) -> int:
+  """Rows of a parquet file, from its footer (no data read)."""
+  return _parquet(path).metadata.num_rows
 
 
 def check_columns(
   path: str, columns: Mapping[str, str | None], extra_columns: Mapping[str, str]
 ) -> None:
   """Raises MissingColumnError naming the first configured column `path` lacks."""
-  present = pq.read_schema(path).names
+  present = _parquet(path).schema_arrow.names
   wanted = [(k, v) for k, v in columns.items() if v is not None]
   wanted += [(k, k) for k in extra_columns]
   for logical, column in wanted:
@@ -110,25 +130,39 @@ def iter_rows(
   extra_columns: Mapping[str, str],
   max_rows: int | None = None,
   batch_rows: int = 64,
+  start: int = 0,
 ) -> Iterator[tuple[int, str, int, dict[str, Any]]]:
   """Streams rows as (split index, file name, row in file, {field: value}).
 
   Reads `batch_rows` rows at a time so memory stays bounded by a few batches
-  of JPEG bytes, whatever the shard size.
+  of JPEG bytes, whatever the shard size. Rows [start, max_rows) of the split
+  (its files concatenated) are streamed; files wholly before `start` are
+  skipped by their footer's row count, unread.
   """
   physical = {k: v for k, v in columns.items() if v is not None}
   physical.update({k: k for k in extra_columns})
   wanted = sorted(set(physical.values()))
   index = 0
   for path in paths:
+    if max_rows is not None and index >= max_rows:
+      return
+    f = _parquet(path)
+    if index + f.metadata.num_rows <= start:
+      index += f.metadata.num_rows
+      continue
     row_in_file = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=wanted):
+    for batch in f.iter_batches(batch_size=batch_rows, columns=wanted):
+      if index + batch.num_rows <= start:
+        index += batch.num_rows
+        row_in_file += batch.num_rows
+        continue
       data = batch.to_pydict()
       for r in range(batch.num_rows):
         if max_rows is not None and index >= max_rows:
           return
-        row = {field: data[col][r] for field, col in physical.items()}
-        yield index, os.path.basename(path), row_in_file, row
+        if index >= start:
+          row = {field: data[col][r] for field, col in physical.items()}
+          yield index, os.path.basename(path), row_in_file, row
         index += 1
         row_in_file += 1
 
@@ -188,18 +222,56 @@ class SplitReport:
     }
 
 
+def merge_split_reports(parts: Sequence[Mapping[str, Any]], files: Sequence[str]) -> dict[str, Any]:
+  """One split's report from the reports of consecutive row ranges (`SplitReport.to_dict`s).
+
+  Args:
+    parts: the ranges' reports, in row order.
+    files: every parquet file of the split (the merged report lists them all).
+
+  Returns:
+    The report a single build over all the ranges would have written.
+  """
+  merged = SplitReport(parts[0]["split"], files)
+  for r in parts:
+    merged.rows += r["rows"]
+    merged.kept += r["kept"]
+    merged.skipped_by_reason.update(r["skipped_by_reason"])
+    merged.skipped += r["skipped_examples"]
+    merged.converted_to_rgb.update(r["converted_to_rgb"])
+    merged.empty_captions_kept += r["empty_captions_kept"]
+    merged.size_mismatch_pairs += r["size_mismatch_pairs"]
+  return merged.to_dict()
+
+
 def write_data_report(report: Mapping[str, Any], path: str) -> None:
-  """Writes a data report as indented JSON (atomically: tmp file + rename)."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=1, sort_keys=False)
-  os.replace(tmp, path)
+  """Writes a data report as indented JSON (atomically: tmp file + rename; local or gs://)."""
+  write_json_atomic(report, path)
+
+
+def write_json_atomic(obj: Any, path: str) -> None:
+  """JSON to `path` through a temporary file and a rename, so readers never see half of it."""
+  dest = epath.Path(path)
+  tmp = dest.parent / f"{dest.name}.tmp{os.getpid()}"
+  tmp.write_text(json.dumps(obj, indent=1, sort_keys=False))
+  tmp.replace(dest)
 
 
 def load_data_report(data_dir: str) -> dict[str, Any]:
-  """The report written next to a built dataset (`builder.data_dir`)."""
-  with open(os.path.join(data_dir, "data_report.json")) as f:
-    return json.load(f)
+  """The report written next to a built dataset (`builder.data_dir` or `build.build_dataset`'s)."""
+  return json.loads((epath.Path(data_dir) / "data_report.json").read_text())
+
+
+def check_skip_rates(report: Mapping[str, Any], max_skip_rate: float, where: str) -> None:
+  """Raises SkipRateError if a split of a finished build's report is over `max_skip_rate`."""
+  for split, r in report["splits"].items():
+    if r["defect_rate"] > max_skip_rate:
+      counts = {k: n for k, n in r["skipped_by_reason"].items() if n}
+      raise SkipRateError(
+        f"Split {split!r} of {where} has defect rate {r['defect_rate']:.1%} of "
+        f"{r['rows']} rows (ties excluded) > max_skip_rate={max_skip_rate:.1%}. Skips by "
+        f"reason: {counts}; every skipped id is in its data_report.json."
+      )
 
 
 # ---------------------------------------------------------------------------
@@ -241,6 +313,11 @@ class PickAPicConfig(tfds.core.BuilderConfig):
     max_image_pixels: reject images whose header declares more pixels.
     allowed_formats: Pillow formats accepted.
     num_workers: threads decoding images for the checks (Pillow releases the GIL).
+    row_ranges: split -> (start, stop) rows (files concatenated) to build,
+      instead of every row (up to max_examples): one process's share of a
+      parallel build (`dpo_jax.data.build`). Splits not named are left out.
+    check_skip_rate: abort when a split's defect rate exceeds max_skip_rate.
+      A share of a parallel build does not: the rate is a whole split's.
   """
 
   columns: Mapping[str, str | None] = dataclasses.field(
@@ -255,6 +332,8 @@ class PickAPicConfig(tfds.core.BuilderConfig):
   max_image_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS
   allowed_formats: tuple[str, ...] = decode.ALLOWED_FORMATS
   num_workers: int = 8
+  row_ranges: Mapping[str, tuple[int, int]] | None = None
+  check_skip_rate: bool = True
 
 
 def make_config(**options: Any) -> PickAPicConfig:
@@ -263,7 +342,8 @@ def make_config(**options: Any) -> PickAPicConfig:
   changed = {
     k: v
     for k, v in sorted(options.items())
-    if k not in ("num_workers", "max_examples", "max_skip_rate") and v != getattr(ref, k)
+    if k not in ("num_workers", "max_examples", "max_skip_rate", "row_ranges", "check_skip_rate")
+    and v != getattr(ref, k)
   }
   name = "full" if options.get("max_examples") is None else f"max{options['max_examples']}"
   if changed:
@@ -322,6 +402,8 @@ class PickAPicV2(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     cfg: PickAPicConfig = self.builder_config
     splits = split_files(os.fspath(dl_manager.manual_dir))
+    if cfg.row_ranges is not None:
+      splits = {k: v for k, v in splits.items() if k in cfg.row_ranges}
     # Every schema first: a missing column should fail in seconds, not after
     # hours of decoding the shards before it.
     for paths in splits.values():
@@ -332,7 +414,10 @@ class PickAPicV2(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, paths: Sequence[str]):
     cfg: PickAPicConfig = self.builder_config
     report = SplitReport(split, paths)
-    rows = iter_rows(paths, cfg.columns, cfg.extra_columns, max_rows=cfg.max_examples)
+    start, stop = 0, cfg.max_examples
+    if cfg.row_ranges is not None:
+      start, stop = cfg.row_ranges[split]
+    rows = iter_rows(paths, cfg.columns, cfg.extra_columns, max_rows=stop, start=start)
     check = lambda r: decode.check_row(
       r[3], cfg.keep_empty_captions, cfg.max_image_pixels, cfg.allowed_formats
     )
@@ -345,7 +430,7 @@ class PickAPicV2(tfds.core.GeneratorBasedBuilder):
         if verdict.reason is None:
           yield index, self._example(row, eid, verdict.caption)
     self._reports[split] = report.to_dict()
-    if report.defect_rate > cfg.max_skip_rate:
+    if cfg.check_skip_rate and report.defect_rate > cfg.max_skip_rate:
       # Next to TFDS's temporary build dir, which is deleted when this raises.
       failed = os.fspath(epath.Path(self.data_dir).parent / "data_report.failed.json")
       write_data_report(self._full_report(), failed)
@@ -385,7 +470,7 @@ class PickAPicV2(tfds.core.GeneratorBasedBuilder):
     }
     # `self.data_dir` is TFDS's temporary directory here; it is renamed to the
     # final one on success, so the report never describes a half-built set.
-    write_data_report(report, os.path.join(os.fspath(self.data_dir), "data_report.json"))
+    write_data_report(report, os.fspath(epath.Path(self.data_dir) / "data_report.json"))
 
 
 def _ordered_map(
@@ -408,14 +493,27 @@ def _ordered_map(
     yield head, future.result()
 
 
-def source_fingerprint(parquet_dir: str) -> str:
-  """8 hex digits over the shards' absolute paths, sizes and modification times."""
-  entries = [
-    (os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns)
-    for files in split_files(parquet_dir).values()
-    for f in files
-  ]
-  return hashlib.sha1(json.dumps(sorted(entries)).encode()).hexdigest()[:8]
+def source_fingerprint(parquet_dir: str, edge_bytes: int = 1 << 16) -> str:
+  """8 hex digits over the shards' content: names, sizes, and their first and last bytes.
+
+  Content, not paths or modification times: every host of a job must find the
+  same build from its own copy of the shards (another path, another mtime),
+  and a rewritten shard must not reuse a stale one. The last `edge_bytes` hold
+  parquet's footer (every row group's and column chunk's offsets, sizes and
+  statistics: any rewrite of the data moves them), the first the start of the
+  data; 128 KiB per file is 83 MB for all of Pick-a-Pic, not its 335 GB.
+  """
+  h = hashlib.sha1()
+  for split, files in sorted(split_files(parquet_dir).items()):
+    for f in files:
+      path = epath.Path(f)
+      size = path.stat().length
+      h.update(json.dumps([split, path.name, size]).encode())
+      with path.open("rb") as fh:
+        h.update(fh.read(edge_bytes))
+        fh.seek(max(size - edge_bytes, 0))
+        h.update(fh.read(edge_bytes))
+  return h.hexdigest()[:8]
 
 
 def build_pickapic(
@@ -448,20 +546,89 @@ def build_pickapic(
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=parquet_dir))
   # The threshold is not part of the config name, so an earlier build made
   # under a looser one is reused: hold it to this call's threshold too.
-  for split, r in load_data_report(builder.data_dir)["splits"].items():
-    if r["defect_rate"] > config.max_skip_rate:
-      raise SkipRateError(
-        f"Split {split!r} of the existing build {builder.data_dir} has defect rate "
-        f"{r['defect_rate']:.1%} > max_skip_rate={config.max_skip_rate:.1%}; see its "
-        "data_report.json."
-      )
+  if config.check_skip_rate:
+    where = f"the existing build {builder.data_dir}"
+    check_skip_rates(load_data_report(builder.data_dir), config.max_skip_rate, where)
   return builder
 
 
-def open_split(data_dir: str, split: str = "train") -> Sequence[dict[str, Any]]:
-  """Random-access source over a built split (`builder.data_dir`), no builder class needed.
+def build_rows(
+  parquet_dir: str, data_dir: str, config: PickAPicConfig, split: str, start: int, stop: int
+) -> tuple[str | None, dict[str, Any]]:
+  """Builds rows [start, stop) of one split (a share of a parallel build).
 
-  Elements are dicts of numpy scalars/bytes: caption (utf-8 bytes), jpg_0,
-  jpg_1 (encoded bytes), label_0, label_1, example_id and the extra columns.
+  Args:
+    parquet_dir: directory of parquet shards.
+    data_dir: TFDS data root of this share alone.
+    config: the build's config (its name); the row range is set here.
+    split, start, stop: the rows, counted over the split's files in order.
+
+  Returns:
+    (`builder.data_dir`, or None when no row of the range was kept; the
+    split's report, `SplitReport.to_dict`). TFDS refuses to write a split of
+    zero examples, which a share of a small split can be (say eight
+    validation rows, all ties); its report still counts them.
   """
-  return tfds.builder_from_directory(data_dir).as_data_source(split)
+  config = dataclasses.replace(config, row_ranges={split: (start, stop)}, check_skip_rate=False)
+  builder = PickAPicV2(config=config, data_dir=data_dir, file_format="array_record")
+  try:
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=parquet_dir)
+    )
+  except AssertionError as e:
+    report = builder._reports.get(split)
+    if "No examples were yielded" not in str(e) or report is None or report["kept"]:
+      raise
+    return None, report
+  return os.fspath(builder.data_dir), load_data_report(builder.data_dir)["splits"][split]
+
+
+# A parallel build (`dpo_jax.data.build`) is one TFDS build per process share,
+# listed in order by this file in the build's root; `open_split` joins them.
+MANIFEST = "manifest.json"
+
+
+class ConcatSource(Sequence):
+  """Random access over several sources as one: their rows in order."""
+
+  def __init__(self, parts: Sequence[Sequence[Any]]):
+    self._parts = list(parts)
+    self._starts = np.cumsum([0] + [len(p) for p in self._parts])
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, index: int) -> Any:
+    index = int(index)
+    if index < 0:
+      index += len(self)
+    if not 0 <= index < len(self):
+      raise IndexError(f"Row {index} of a source of {len(self)} rows.")
+    part = int(np.searchsorted(self._starts, index, side="right")) - 1
+    return self._parts[part][index - int(self._starts[part])]
+
+
+def open_split(data_dir: str, split: str = "train") -> Sequence[dict[str, Any]]:
+  """Random-access source over a built split, no builder class needed.
+
+  Args:
+    data_dir: `builder.data_dir` of `build_pickapic`, or the root of a
+      parallel build (`dpo_jax.data.build.build_dataset`, which holds MANIFEST).
+    split: split name.
+
+  Returns:
+    Elements are dicts of numpy scalars/bytes: caption (utf-8 bytes), jpg_0,
+    jpg_1 (encoded bytes), label_0, label_1, example_id and the extra columns.
+  """
+  manifest = epath.Path(data_dir) / MANIFEST
+  if not manifest.exists():
+    return tfds.builder_from_directory(data_dir).as_data_source(split)
+  parts = json.loads(manifest.read_text())["parts"]
+  dirs = [p["data_dirs"][split] for p in parts if p["data_dirs"].get(split)]
+  if not dirs:
+    known = sorted({s for p in parts for s, d in p["data_dirs"].items() if d})
+    raise KeyError(f"No rows of split {split!r} in the build {data_dir}; it has {known}.")
+  root = epath.Path(data_dir)
+  return ConcatSource(
+    [tfds.builder_from_directory(os.fspath(root / d)).as_data_source(split) for d in dirs]
+  )

@@ -24,7 +24,7 @@ process count. Processes are disjoint, together cover each global batch, and
 every process yields exactly `batches_per_epoch` batches per epoch. No row can
 be skipped at read time (rows were checked when the dataset was built), so this
 count never depends on decoding luck; the N mod G rows left over differ from
-epoch to epoch.
+epoch to epoch, and process 0 logs them when an epoch starts.
 
 Augmentation follows the official Diffusion-DPO trainer (SalesforceAIResearch/
 DiffusionDPO `train.py`): resize the shorter side to R (bilinear), crop R x R,
@@ -50,6 +50,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from dpo_jax.data import decode
@@ -261,6 +262,7 @@ class PairBatchIterator:
     order = _LocalOrder(
       n, seed, self.batches_per_epoch, self.local_batch, pi, pc, num_epochs or _ENDLESS_EPOCHS
     )
+    self._order, self._log_leftover, self._next_batch = order, pi == 0, 0
     options = grain.ReadOptions(
       num_threads=num_threads,
       # One batch ahead by default: an element is two float32 R x R images
@@ -315,7 +317,29 @@ class PairBatchIterator:
     return self
 
   def __next__(self) -> Batch:
-    return next(self._it)
+    batch = next(self._it)
+    epoch, b = divmod(self._next_batch, self.batches_per_epoch)
+    if b == 0 and self._log_leftover and self.epoch_remainder:
+      self._log_epoch_remainder(epoch)
+    self._next_batch += 1
+    return batch
+
+  def leftover_rows(self, epoch: int) -> np.ndarray:
+    """Rows (indices into the source) that `epoch` does not use: the N mod G left over."""
+    return self._order._perm(epoch)[self.batches_per_epoch * self._gbs :]
+
+  def _log_epoch_remainder(self, epoch: int) -> None:
+    rows = self.leftover_rows(epoch)
+    logging.info(
+      "Data epoch %d: %d of %d rows left over (N mod global batch %d); rows %s%s. "
+      "Each epoch leaves out a different set.",
+      epoch,
+      len(rows),
+      self._n,
+      self._gbs,
+      sorted(int(r) for r in rows[:20]),
+      "" if len(rows) <= 20 else ", ...",
+    )
 
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable position. `next_batch` counts global batches consumed,
@@ -342,6 +366,7 @@ class PairBatchIterator:
           "resuming would silently change the data order."
         )
     self._it.set_state({"next_index": int(state["next_batch"]) * self.local_batch})
+    self._next_batch = int(state["next_batch"])
 
   def close(self) -> None:
     """Stops the reader threads."""

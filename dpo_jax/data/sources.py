@@ -3,14 +3,14 @@
 Sources:
   synthetic: in-memory pairs already in the cached-latent format (tiny configs).
   pickapic:  Pick-a-Pic-format parquet shards (`config.data.path`), checked and
-             written once as array_record (TFDS), decoded by grain threads, and
-             encoded on device by the frozen VAE / text encoder(s).
+             written once as array_record (`data/build.py`, every process
+             its share), decoded by grain threads, and encoded on device by
+             the frozen VAE / text encoder(s).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
+from etils import epath
 
 from dpo_jax.data import encode, synthetic
 from dpo_jax.models.build import Models
@@ -135,48 +135,24 @@ def _local_rows(batch: Batch) -> Batch:
   return {k: v[pi * n // pc : (pi + 1) * n // pc] for k, v in batch.items()}
 
 
-def build_dataset(config: ml_collections.ConfigDict, tfds_dir: str) -> str:
-  """Checks the parquet shards once and writes them as array_record; -> build dir."""
-  from dpo_jax.data import pickapic
-
-  data = config.data
-  columns = {k: (v or None) for k, v in data.columns.items()}
-  return pickapic.build_pickapic(
-    data.path,
-    tfds_dir,
-    columns=columns,
-    extra_columns=dict(pickapic.PICKAPIC_EXTRA_COLUMNS) if data.keep_extra_columns else {},
-    max_examples=data.max_examples or None,
-    max_skip_rate=data.max_skip_rate,
-    keep_empty_captions=data.keep_empty_captions,
-  ).data_dir
-
-
 def _pickapic(config: ml_collections.ConfigDict, models: Models, workdir: str) -> Data:
-  from dpo_jax.data import pickapic, pipeline  # TFDS only when this source is used.
+  # TFDS only when this source is used.
+  from dpo_jax.data import build, pickapic, pipeline
 
   if models.pipeline is None:
     raise ValueError("data.source='pickapic' needs config.pretrained_path (VAE, text encoders).")
   data = config.data
   if not data.path:
     raise ValueError("data.source='pickapic' needs config.data.path (a folder of parquet shards).")
-  tfds_dir = data.tfds_dir or os.path.join(workdir, "tfds")
-
-  def build() -> str:
-    return build_dataset(config, tfds_dir)
-
-  # One writer: process 0 builds (or reuses) the checked array_record copy,
-  # the others open it after the barrier.
+  tfds_dir = data.tfds_dir or os.fspath(epath.Path(workdir) / "tfds")
+  # Every process checks its share of the rows and they meet through the
+  # files, not a device barrier (see `data/build.py`); an existing build (say
+  # from `python -m dpo_jax.data.build`) is reused at once.
+  built = build.prepare_dataset(config, tfds_dir)
   if jax.process_index() == 0:
-    built = build()
-    report = pickapic.load_data_report(built)
-    with open(os.path.join(workdir, "data_report.json"), "w") as f:
-      json.dump(report, f, indent=2)
-    for split, r in report["splits"].items():
-      logging.info("Data %s: %s", split, {k: v for k, v in r.items() if k != "skipped"})
-  multihost_utils.sync_global_devices("dpo_jax_data_built")
-  if jax.process_index() != 0:
-    built = build()
+    pickapic.write_data_report(
+      pickapic.load_data_report(built), os.fspath(epath.Path(workdir) / "data_report.json")
+    )
 
   # The encoder closure keeps the pipeline for the whole run: not its UNet
   # weights (a host copy of GBs; the trainer has them on the mesh).
@@ -210,7 +186,7 @@ def _pickapic(config: ml_collections.ConfigDict, models: Models, workdir: str) -
   if config.objective == "rpo":
     rpo_features = encode.rpo_feature_keys(config.rpo.embedding)
     if "image" in config.rpo.embedding:
-      image_embedder, frozen["rpo_clip"] = rpo_image_embedder(config)
+      image_embedder, frozen["rpo_clip"] = encode.rpo_image_embedder(config)
 
   def encoder(frozen, raw):
     out = encode.encode_batch(pipe, frozen, raw, data.resolution, rpo_features, image_embedder)
@@ -225,14 +201,5 @@ def _pickapic(config: ml_collections.ConfigDict, models: Models, workdir: str) -
   )
 
 
-def rpo_image_embedder(config: ml_collections.ConfigDict) -> tuple[encode.ImageEmbedder, Any]:
-  """The frozen CLIP image tower of `config.rpo.clip_path` for RPO's image embeddings."""
-  from dpo_jax import scorers
-
-  if not config.rpo.clip_path:
-    raise ValueError(
-      f"rpo.embedding={config.rpo.embedding!r} needs rpo.clip_path: a CLIP model folder "
-      "(transformers format: config.json + model.safetensors or flax_model.msgpack) whose "
-      "image tower embeds the pair images."
-    )
-  return scorers.clip_image_embedder(config.rpo.clip_path)
+# Kept under its old name for callers of `sources.rpo_image_embedder`.
+rpo_image_embedder = encode.rpo_image_embedder

@@ -18,11 +18,13 @@ benchmark is reproducible anywhere (toy world or real photos):
   python -m dpo_jax.data.style --input=PARQUET_DIR --output=DIR --style=amber_duotone
 
 reads Pick-a-Pic-format shards (caption, jpg_0, jpg_1), takes every distinct
-image once (by content) with its caption, and writes
+image once (by content: the same bytes under another caption are a duplicate)
+with the caption it first appears with, and writes
 `<split>-00000-of-00001.parquet` shards in the same format plus
-`style_report.json` (images read, duplicates, undecodable images by reason —
-counted, never silently dropped). The styled image alternates between the
-`jpg_0` and `jpg_1` columns so its position is not a learnable constant.
+`style_report.json` (images read, duplicates, undecodable images by reason,
+named as in the data build's report (`decode.IMAGE_REASONS`): counted, never
+silently dropped). The styled image alternates between the `jpg_0` and
+`jpg_1` columns so its position is not a learnable constant.
 """
 
 from __future__ import annotations
@@ -104,17 +106,24 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def distinct_images(
-  captions: Sequence[str], images_0: Sequence[bytes], images_1: Sequence[bytes]
-) -> tuple[list[tuple[str, bytes]], int]:
-  """Every distinct (caption, image bytes) of a pair table, in first-seen order; -> (list, dups)."""
+  captions: Sequence[str], images_0: Sequence[bytes | None], images_1: Sequence[bytes | None]
+) -> tuple[list[tuple[str, bytes | None]], int]:
+  """Every distinct image (by content) of a pair table with its first caption; -> (list, dups).
+
+  By content alone, not (caption, content): a style pair teaches "this image,
+  restyled, beats it", so an image seen under a second caption would only
+  weigh that image twice. Missing and zero-byte images are not deduplicated:
+  each is passed on, to be counted as undecodable.
+  """
   seen, out, dups = set(), [], 0
   for caption, a, b in zip(captions, images_0, images_1):
     for data in (a, b):
-      key = (caption, hashlib.sha1(data or b"").hexdigest())
-      if key in seen:
-        dups += 1
-        continue
-      seen.add(key)
+      if data:
+        key = hashlib.sha1(data).hexdigest()
+        if key in seen:
+          dups += 1
+          continue
+        seen.add(key)
       out.append((caption, data))
   return out, dups
 

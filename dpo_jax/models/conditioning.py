@@ -19,6 +19,8 @@ and the diffusers SDXL (DPO) training scripts compute (clip_skip unset).
 from __future__ import annotations
 
 import functools
+import html
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,20 +31,73 @@ import numpy as np
 Params = dict[str, Any]
 
 
+def clip_text_clean(text: str) -> str:
+  """CLIP's caption normalisation, as openai/CLIP's `simple_tokenizer` and open_clip do it.
+
+  `ftfy.fix_text` (mojibake, full-width forms, curly quotes, ...), HTML
+  entities unescaped twice, whitespace runs to one space, lower case. This is
+  the text the CLIP text towers of SD1.5 / SDXL were trained on; transformers'
+  `CLIPTokenizer` quietly does something else without ftfy (a BERT-style
+  basic tokenizer: CJK split per character, quotes kept) and never unescapes
+  HTML.
+  """
+  try:
+    import ftfy
+  except ImportError:
+    raise ImportError(
+      "Tokenizing captions as CLIP does needs ftfy: `pip install 'ftfy>=6.1'` (a dependency "
+      "of dpo_jax; the official Diffusion-DPO trainer requires it too)."
+    ) from None
+  text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+  return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def _clip_bpe_ids(tokenizer: Any, text: str) -> list[int]:
+  """Cleaned text -> CLIP BPE ids (no start/end tokens), with the tokenizer's own tables.
+
+  What transformers' slow `CLIPTokenizer._tokenize` does after its cleaning,
+  minus the split on added tokens that runs before it: SDXL's second
+  tokenizer registers its pad token "!" as one, so transformers turns every
+  "!" of a caption into the pad id 0, where OpenCLIP (which trained bigG)
+  gives "!</w>" (256) at a word's end.
+  """
+  ids = []
+  for word in tokenizer.pat.findall(text):
+    word = "".join(tokenizer.byte_encoder[b] for b in word.encode("utf-8"))
+    pieces = tokenizer.bpe(word).split(" ")
+    ids += [tokenizer.encoder.get(t, tokenizer.unk_token_id) for t in pieces]
+  return ids
+
+
 def tokenize(tokenizer: Any, prompts: Sequence[str]) -> np.ndarray:
   """Prompts -> int32 ids [B, L], L = tokenizer.model_max_length (77).
 
-  Padded to exactly L and truncated at L (long Pick-a-Pic captions lose their
-  tail; the end-of-text token stays last), as in diffusers' pipelines.
+  Exactly openai/CLIP's `clip.tokenize(truncate=True)` (= open_clip's):
+  captions cleaned by `clip_text_clean`, split by CLIP's regex and byte-level
+  BPE, start token, at most L - 2 caption tokens (long Pick-a-Pic captions
+  lose their tail), end token; then padded to L with the tokenizer's pad token
+  (end-of-text for SD1.5 / SDXL's first tokenizer, "!" for SDXL's second), as
+  diffusers' pipelines pad.
+
+  Args:
+    tokenizer: transformers' slow `CLIPTokenizer` (what
+      `models.loader.load_tokenizer` returns): its vocabulary and merges are
+      used. Any other tokenizer is called on the cleaned text and applies its
+      own rules to it.
+    prompts: B captions.
   """
-  ids = tokenizer(
-    list(prompts),
-    padding="max_length",
-    max_length=tokenizer.model_max_length,
-    truncation=True,
-    return_tensors="np",
-  ).input_ids
-  return ids.astype(np.int32)
+  length = tokenizer.model_max_length
+  texts = [clip_text_clean(p) for p in prompts]
+  if not all(hasattr(tokenizer, a) for a in ("pat", "bpe", "byte_encoder", "encoder")):
+    ids = tokenizer(
+      texts, padding="max_length", max_length=length, truncation=True, return_tensors="np"
+    ).input_ids
+    return ids.astype(np.int32)
+  out = np.full((len(texts), length), tokenizer.pad_token_id, np.int32)
+  for i, text in enumerate(texts):
+    ids = _clip_bpe_ids(tokenizer, text)[: length - 2]
+    out[i, : len(ids) + 2] = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+  return out
 
 
 def _run_text_encoder(text_encoder: Any, params: Params, input_ids: jax.Array) -> Any:
