@@ -105,7 +105,7 @@ class Run:
   start_step: int
   train_step: Any  # Compiled (state, ref, batch, rng) -> (state, metrics).
   eval_step: Callable[..., Any]
-  eval_batch: Any
+  eval_batch: Any  # None: the source has no held-out split, no eval loss.
   next_batch: Callable[[], Any]  # -> the next global batch in the step's format.
   flops: float
   sample_evaluator: sample_eval.SampleEval | None
@@ -289,7 +289,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     start_step=start_step,
     train_step=compiled,
     eval_step=step_lib.jit_eval_step(spec, param_sh, param_sh, batch_sh, repl),
-    eval_batch=_encode_eval_batch(
+    eval_batch=None
+    if data.eval_batch is None
+    else _encode_eval_batch(
       data.eval_batch, encode_local, stack, _leading_dim(data.train.element_spec)
     ),
     next_batch=next_batch,
@@ -374,7 +376,8 @@ def train_loop(run: Run) -> dict[str, Any]:
         progress.maybe_log(step, history[-1]["loss"], force=is_last)
 
       slow_work = False
-      if (config.eval_every and step % config.eval_every == 0) or is_last:
+      eval_now = (config.eval_every and step % config.eval_every == 0) or is_last
+      if eval_now and run.eval_batch is not None:
         ev = jax.device_get(
           run.eval_step(state.params, run.ref_params, run.eval_batch, run.eval_rng)
         )

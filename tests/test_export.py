@@ -54,6 +54,8 @@ def _train(kind: str, root) -> tuple[str, str, dict]:
   parquet = root / "parquet"
   parquet.mkdir()
   write_parquet(str(parquet / "train-00000-of-00001.parquet"), good_rows(20)[0])
+  # The eval loss reads only a held-out split.
+  write_parquet(str(parquet / "validation_unique-00000-of-00001.parquet"), good_rows(8, 5000)[0])
   workdir = str(root / "run")
   rows_per_encode: list[int] = []
   make_data = sources.make_data

@@ -34,7 +34,8 @@ class Data:
   Attributes:
     train: iterator of per-process micro-batches (`micro_batch_size` pairs
       over all processes) with `element_spec`, `get_state`, `set_state`.
-    eval_batch: a fixed per-process batch (same format as `train`'s).
+    eval_batch: a fixed per-process batch of held-out pairs (same format as
+      `train`'s), or None when the source has no held-out split (eval off).
     uncond: empty-prompt conditioning for caption dropout.
     encoder: (frozen_params, global raw batch) -> global batch in the step's
       format, or None when batches are already in that format.
@@ -42,7 +43,7 @@ class Data:
   """
 
   train: Iterator[Batch]
-  eval_batch: Batch
+  eval_batch: Batch | None
   uncond: dict[str, np.ndarray]
   encoder: Callable[[Any, Batch], Batch] | None = None
   frozen: Any = None
@@ -168,19 +169,27 @@ def _pickapic(config: ml_collections.ConfigDict, models: Models, workdir: str) -
   train = pipeline.make_pickapic_iterator(
     built, "train", global_batch_size=micro_batch_size(config), seed=config.seed, **common
   )
-  eval_split = data.eval_split if data.eval_split in pickapic.split_files(data.path) else "train"
-  if eval_split != data.eval_split:
-    logging.warning("No %r split in %s: eval uses a fixed train batch.", data.eval_split, data.path)
-  # Eval: one fixed batch, no random crop/flip, same for every run.
-  ev = pipeline.make_pickapic_iterator(
-    built,
-    eval_split,
-    global_batch_size=data.eval_batch_size,
-    seed=config.seed + 1,
-    **dict(common, random_crop=False, flip="none"),
-  )
-  eval_batch = next(ev)
-  ev.close()
+  eval_batch = None
+  if data.eval_split in pickapic.split_files(data.path):
+    # Eval: one fixed batch of the held-out split, no random crop/flip, same
+    # for every run.
+    ev = pipeline.make_pickapic_iterator(
+      built,
+      data.eval_split,
+      global_batch_size=data.eval_batch_size,
+      seed=config.seed + 1,
+      **dict(common, random_crop=False, flip="none"),
+    )
+    eval_batch = next(ev)
+    ev.close()
+  else:
+    # Never training rows: an eval loss on pairs the policy trains on says
+    # nothing about generalisation.
+    logging.warning(
+      "No %r split in %s: the eval loss is off (data.eval_split names the held-out split).",
+      data.eval_split,
+      data.path,
+    )
 
   rpo_features, image_embedder, frozen = (), None, encode.frozen_params(pipe)
   if config.objective == "rpo":
