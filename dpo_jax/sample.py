@@ -11,9 +11,9 @@ jitted `lax.scan` with classifier-free guidance), followed by the VAE decoder,
 or nothing for a pixel-space pipeline (no VAE). SDXL gets micro-conditioning
 for an uncropped image at the generation size, as diffusers' pipeline does by
 default, and zeros as the unconditional input (`force_zeros_for_empty_prompt`,
-see `zero_negative_conditioning`). The jitted program runs over a device mesh with prompts and noise
-split over every axis: by default the local devices with all parameters
-replicated; given the trainer's ("data", "fsdp") mesh (in-training sampling,
+see `zero_negative_conditioning`). The jitted program runs over a device mesh
+with prompts and noise split over every axis: by default the local devices
+with all parameters replicated; given the trainer's ("data", "fsdp") mesh (in-training sampling,
 any number of processes), the UNet parameters keep their FSDP sharding and
 every process gets the whole batch of images back.
 

@@ -293,7 +293,7 @@ def test_matches_diffusers_pipeline(name, tiny_sd15, pipe, torch_pipe, runs):
   with open(os.path.join(tiny_sd15, "scheduler", "scheduler_config.json")) as f:
     folder_config = json.load(f)
   # The tiny PNDM config has no clip_sample field and DDIMScheduler's default clips x_0
-  # to [-1, 1]; the real SD1.5 config sets it false, as `sampler.make_ddim` assumes.
+  # to [-1, 1]; the real SD1.5 config sets it false, as `sampler.ddim_schedule` assumes.
   kwargs = {"clip_sample": False} if name == "ddim" else {}
   torch_pipe.scheduler = TORCH_SCHEDULERS[name].from_config(folder_config, **kwargs)
   noise = sample.initial_noise(SEEDS, sample.latent_shape(pipe))
