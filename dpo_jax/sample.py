@@ -13,9 +13,9 @@ for an uncropped image at the generation size, as diffusers' pipeline does by
 default, and zeros as the unconditional input (`force_zeros_for_empty_prompt`,
 see `zero_negative_conditioning`). The jitted program runs over a device mesh
 with prompts and noise split over every axis: by default the local devices
-with all parameters replicated; given the trainer's ("data", "fsdp") mesh (in-training sampling,
-any number of processes), the UNet parameters keep their FSDP sharding and
-every process gets the whole batch of images back.
+with all parameters replicated; given the trainer's ("data", "fsdp") mesh
+(in-training sampling, any number of processes), the UNet parameters keep
+their FSDP sharding and every process gets the whole batch of images back.
 
 Command line:
   python -m dpo_jax.sample --checkpoint=WORKDIR_OR_STEP_DIR --prompts=FILE --output=DIR \
