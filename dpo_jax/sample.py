@@ -10,11 +10,12 @@ The reverse process is one of `sampler.SCHEDULERS` (ddim, euler, dpmpp: a
 jitted `lax.scan` with classifier-free guidance), followed by the VAE decoder,
 or nothing for a pixel-space pipeline (no VAE). SDXL gets micro-conditioning
 for an uncropped image at the generation size, as diffusers' pipeline does by
-default. The jitted program runs over a device mesh with prompts and noise
-split over every axis: by default the local devices with all parameters
-replicated; given the trainer's ("data", "fsdp") mesh (in-training sampling,
-any number of processes), the UNet parameters keep their FSDP sharding and
-every process gets the whole batch of images back.
+default, and zeros as the unconditional input (`force_zeros_for_empty_prompt`,
+see `zero_negative_conditioning`). The jitted program runs over a device mesh
+with prompts and noise split over every axis: by default the local devices
+with all parameters replicated; given the trainer's ("data", "fsdp") mesh
+(in-training sampling, any number of processes), the UNet parameters keep
+their FSDP sharding and every process gets the whole batch of images back.
 
 Command line:
   python -m dpo_jax.sample --checkpoint=WORKDIR_OR_STEP_DIR --prompts=FILE --output=DIR \
@@ -24,6 +25,8 @@ Command line:
 writes one PNG per image, `grid.png` (a row per prompt) and `metadata.jsonl`
 (file, prompt, seed, model, settings). Image j of every prompt uses seed
 `seed + j`, so two models sampled with the same flags see the same noise.
+A diffusers folder given as --checkpoint is sampled as --pipeline; mistakes
+in the flags print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -144,6 +148,24 @@ def with_compute_dtype(pipeline: Pipeline, dtype: str) -> Pipeline:
   return dataclasses.replace(pipeline, **changed) if changed else pipeline
 
 
+def zero_negative_conditioning(pipeline: Pipeline) -> bool:
+  """Whether the unconditional branch is zeros rather than the encoded "" prompt.
+
+  diffusers' SDXL pipelines do this (`force_zeros_for_empty_prompt`, True
+  unless the folder's `model_index.json` sets it false, as the SDXL refiner
+  does) when no negative prompt is given, which is always the case here. Its
+  SD1.5 pipeline has no such option and encodes "". Training's caption dropout
+  is not affected: it uses the encoded "" like the official trainers.
+  """
+  if pipeline.kind != "sdxl":
+    return False
+  index = os.path.join(pipeline.path, "model_index.json")
+  if not pipeline.path or not os.path.isfile(index):
+    return True  # StableDiffusionXLPipeline's default.
+  with open(index) as f:
+    return bool(json.load(f).get("force_zeros_for_empty_prompt", True))
+
+
 def sample_images(
   pipeline: Pipeline,
   settings: SampleSettings,
@@ -154,6 +176,8 @@ def sample_images(
 ) -> jax.Array:
   """Pure (jittable): token ids [B, L] (SDXL [B, 2, L]) and noise [B, C, h, w] -> images.
 
+  The unconditional branch of classifier-free guidance is the empty prompt,
+  or zeros for SDXL (`zero_negative_conditioning`), as in diffusers' pipelines.
   Returns the decoded images [B, 3, H, W], roughly in [-1, 1] and unclipped
   (for a pixel-space pipeline, x_0 itself).
   """
@@ -164,9 +188,12 @@ def sample_images(
   loop = sampler.make_sampler(
     settings.scheduler, pipe.scheduler_config, settings.num_inference_steps
   )
-  uncond_ids = jnp.asarray(encode.make_tokenize_fn(pipe)([""]))
   context, pooled = encode.encode_text(pipe, frozen, input_ids)
-  u_ctx, u_pooled = encode.encode_text(pipe, frozen, uncond_ids)
+  if zero_negative_conditioning(pipe):
+    u_ctx, u_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
+  else:
+    uncond_ids = jnp.asarray(encode.make_tokenize_fn(pipe)([""]))
+    u_ctx, u_pooled = encode.encode_text(pipe, frozen, uncond_ids)
   u_ctx = jnp.broadcast_to(u_ctx, context.shape)
   added = uncond_added = None
   if pipe.kind == "sdxl":
@@ -317,31 +344,51 @@ def grid_image(images: np.ndarray, columns: int) -> np.ndarray:
   return tiles.transpose(0, 2, 1, 3, 4).reshape(rows * (h + 2), columns * (w + 2), 3)
 
 
+class UsageError(ValueError):
+  """A command-line mistake: `cli_main` prints it as one line, exit status 2."""
+
+
+def _is_pipeline_folder(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "model_index.json"))
+
+
 def main(argv: Sequence[str]) -> None:
   """`python -m dpo_jax.sample`: images, a grid and metadata.jsonl for a prompt file."""
-  from absl import flags
+  from absl import flags, logging
   from PIL import Image
 
   from dpo_jax import checkpoint, logs
   from dpo_jax.models import loader
 
   if len(argv) > 1:
-    raise ValueError(f"Unexpected arguments: {argv[1:]}")
+    raise UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
   f = flags.FLAGS
   params, model = None, "base"
-  pipeline_path = f.pipeline
-  if f.checkpoint:
-    params, meta = checkpoint.load_params_for_inference(f.checkpoint)
+  pipeline_path, checkpoint_path = f.pipeline, f.checkpoint
+  if checkpoint_path and _is_pipeline_folder(checkpoint_path):
+    # A diffusers folder is not a training checkpoint, but what to do is unambiguous:
+    # sample its own UNet, as --pipeline would.
+    if pipeline_path and os.path.abspath(pipeline_path) != os.path.abspath(checkpoint_path):
+      raise UsageError(
+        f"--checkpoint={checkpoint_path} is a diffusers pipeline folder (model_index.json), not "
+        "a training checkpoint: pass it as --pipeline, or a training workdir as --checkpoint."
+      )
+    logging.warning(
+      "--checkpoint=%s is a diffusers pipeline folder; sampling it as --pipeline.", checkpoint_path
+    )
+    pipeline_path, checkpoint_path = checkpoint_path, ""
+  if checkpoint_path:
+    params, meta = checkpoint.load_params_for_inference(checkpoint_path)
     pipeline_path = pipeline_path or meta["config"].get("pretrained_path", "")
-    model = f"{os.path.abspath(f.checkpoint)}@{meta['step']}"
+    model = f"{os.path.abspath(checkpoint_path)}@{meta['step']}"
     if not pipeline_path:
-      raise ValueError(
+      raise UsageError(
         "The checkpoint's run used a random-init UNet (no pretrained_path); pass --pipeline=DIR "
         "with the VAE, text encoder(s), tokenizer(s) and scheduler to sample with."
       )
   if not pipeline_path:
-    raise ValueError("Pass --checkpoint=WORKDIR_OR_STEP_DIR and/or --pipeline=DIFFUSERS_DIR.")
+    raise UsageError("Pass --checkpoint=WORKDIR_OR_STEP_DIR and/or --pipeline=DIFFUSERS_DIR.")
   # The base UNet's weights are read only when they are what gets sampled.
   pipeline = loader.load_pipeline(pipeline_path, unet_weights=params is None)
   params = pipeline.unet_params if params is None else params
@@ -367,6 +414,15 @@ def main(argv: Sequence[str]) -> None:
       meta_f.write(json.dumps(row) + "\n")
   Image.fromarray(grid_image(images, k)).save(os.path.join(f.output, "grid.png"))
   print(f"Wrote {len(images)} images, grid.png and metadata.jsonl to {f.output}")
+
+
+def cli_main(argv: Sequence[str]) -> None:
+  """`main`, with user errors (`UsageError`, a missing file) as one line on stderr, exit 2."""
+  try:
+    main(argv)
+  except (UsageError, FileNotFoundError) as e:
+    print(f"dpo_jax.sample: error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _define_flags() -> None:
@@ -397,4 +453,4 @@ if __name__ == "__main__":
   from absl import app
 
   _define_flags()
-  app.run(main)
+  app.run(cli_main)

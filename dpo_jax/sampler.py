@@ -6,16 +6,17 @@ program that can be sharded over the batch like the train step. `denoise(x, t)`
 is the (guided) model prediction at one step, built by `make_denoiser` around
 the one shared guidance function, `guided_prediction`.
 
-The updates follow diffusers' schedulers, so images match its pipelines:
-  ddim:  diffusers' own Flax DDIM `step` (eta = 0).
+The updates follow diffusers' PyTorch schedulers, so images match its pipelines:
+  ddim:  `DDIMScheduler` (eta = 0), with its zero-SNR rescaling and clip_sample.
   euler: `EulerDiscreteScheduler` (sigmas, `scale_model_input`, s_churn = 0).
   dpmpp: `DPMSolverMultistepScheduler` with its defaults: dpmsolver++, second
          order, midpoint, lower_order_final.
-Euler and DPM-Solver++ re-derive diffusers' timesteps and sigmas in numpy on
-the host (the "linspace" / "leading" / "trailing" spacings of the config, with
+Each re-derives diffusers' timesteps and coefficients in numpy on the host
+(the "linspace" / "leading" / "trailing" spacings of the config, with
 diffusers' class defaults for absent fields); the scan only consumes those
-tables. Configuration options these samplers do not implement (Karras sigmas,
-thresholding, zero-SNR rescaling, ...) are rejected, never silently ignored.
+tables. Configuration options a sampler does not implement (Karras sigmas,
+thresholding, zero-SNR rescaling outside DDIM, ...) are rejected, never
+silently ignored.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -33,10 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.diffusion import PREDICTION_TYPES
-
-with warnings.catch_warnings():
-  warnings.simplefilter("ignore", FutureWarning)
-  from diffusers import FlaxDDIMScheduler
 
 UNetApply = Any
 # (model input x [B, C, H, W], timestep scalar) -> float32 guided prediction [B, C, H, W].
@@ -54,6 +50,9 @@ _FIXED_OPTIONS = {
   "rescale_betas_zero_snr": False,
 }
 _EULER_FIXED = {**_FIXED_OPTIONS, "interpolation_type": "linear", "timestep_type": "discrete"}
+# DDIM implements zero-SNR rescaling and every spacing; only these stay fixed.
+_DDIM_FIXED = {"thresholding": False}
+_SPACINGS = ("linspace", "leading", "trailing")
 _DPM_FIXED = {
   **_FIXED_OPTIONS,
   "algorithm_type": "dpmsolver++",
@@ -121,35 +120,6 @@ def make_denoiser(
   return denoise
 
 
-# ----------------------------------------------------------------------------- DDIM
-
-
-def make_ddim(scheduler_config: dict[str, Any], num_inference_steps: int):
-  """(scheduler, state) for DDIM with the training schedule's betas.
-
-  `clip_sample` is off unless the config sets it: latents of real VAEs are not
-  bounded by 1, and for pixel-space models the caller clips the final image.
-  `set_alpha_to_one` follows diffusers' SD pipelines (final step to abar = 1).
-  """
-  cfg = {"clip_sample": False, "set_alpha_to_one": False, **dict(scheduler_config)}
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    scheduler = FlaxDDIMScheduler.from_config(cfg)
-  state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps)
-  return scheduler, state
-
-
-def ddim_loop(scheduler: FlaxDDIMScheduler, state: Any, denoise: Denoiser, noise: chex.Array):
-  """Deterministic DDIM (eta = 0) from `noise` [B, C, H, W] to x_0 (initial scaling is 1)."""
-
-  def body(x, t):
-    x = scheduler.step(state, denoise(x, t), t, x, return_dict=False)[0]
-    return x, None
-
-  x, _ = jax.lax.scan(body, noise.astype(jnp.float32), state.timesteps.astype(jnp.int32))
-  return x
-
-
 # ----------------------------------------------------------------------------- schedules
 
 
@@ -176,12 +146,12 @@ def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarr
   )
 
 
-def train_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
-  """float32 [T] cumulative alphas of the training schedule, as diffusers' PyTorch schedulers.
+def train_betas(config: dict[str, Any]) -> np.ndarray:
+  """float32 [T] betas of the training schedule, as diffusers' PyTorch schedulers build them.
 
-  Betas are float32 (diffusers builds them with `torch.linspace(..., float32)`);
-  the cumulative product is accumulated in float64 and rounded to float32, as
-  torch's CPU `cumprod` does.
+  diffusers builds them with `torch.linspace(..., float32)`; with
+  `rescale_betas_zero_snr` they are then rescaled to a zero terminal SNR
+  (`rescale_zero_terminal_snr`, Lin et al. 2023), in float32 as there.
   """
   n = int(config.get("num_train_timesteps", 1000))
   start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
@@ -196,8 +166,30 @@ def train_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
     betas = _cosine_betas(n).astype(np.float32)
   else:
     raise ValueError(f"beta_schedule={schedule!r} is not supported.")
-  alphas = np.float32(1.0) - betas
+  if config.get("rescale_betas_zero_snr", False):
+    betas = _rescale_zero_terminal_snr(betas)
+  return betas
+
+
+def _cumprod(alphas: np.ndarray) -> np.ndarray:
+  # Accumulated in float64 and rounded to float32, as torch's CPU `cumprod` does.
   return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+  """diffusers' `rescale_zero_terminal_snr`: sqrt(abar) shifted to end at 0, first value kept."""
+  one = np.float32(1.0)
+  sqrt_ac = np.sqrt(_cumprod(one - betas))
+  first, last = sqrt_ac[0], sqrt_ac[-1]
+  sqrt_ac = (sqrt_ac - last) * (first / (first - last))
+  ac = sqrt_ac**2
+  alphas = np.concatenate([ac[:1], ac[1:] / ac[:-1]])
+  return (one - alphas).astype(np.float32)
+
+
+def train_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
+  """float32 [T] cumulative alphas of the training schedule, as diffusers' PyTorch schedulers."""
+  return _cumprod(np.float32(1.0) - train_betas(config))
 
 
 def _train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
@@ -212,6 +204,99 @@ def _final_sigma(config: dict[str, Any], alphas_cumprod: np.ndarray) -> float:
   if kind == "sigma_min":
     return float(_train_sigmas(alphas_cumprod)[0])
   raise ValueError(f"final_sigmas_type={kind!r}; expected 'zero' or 'sigma_min'.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMSchedule:
+  """Host-side tables of `DDIMScheduler.set_timesteps` / `step` (eta = 0), one entry per step.
+
+  Step i at timestep t with abar = alphas_cumprod[t] and abar_prev that of
+  t - T // N (diffusers' offset whatever the spacing; the final alpha below 0):
+    x0, eps = (x - sqrt(1 - abar) e) / sqrt(abar), e                          (epsilon)
+            = sqrt(abar) x - sqrt(1 - abar) v, sqrt(abar) v + sqrt(1 - abar) x  (v_prediction)
+    x0 <- clip(x0, -clip_sample_range, clip_sample_range)  if clip_sample
+    x <- sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps
+
+  Attributes:
+    timesteps: int32 [N] UNet timesteps.
+    sqrt_ac, sqrt_1m_ac: float32 [N] sqrt(abar), sqrt(1 - abar) at each step.
+    sqrt_ac_prev, sqrt_1m_ac_prev: float32 [N] the same at the step's target.
+    clip: clip_sample_range when clip_sample is on, else None.
+    prediction_type: "epsilon" or "v_prediction".
+  """
+
+  timesteps: np.ndarray
+  sqrt_ac: np.ndarray
+  sqrt_1m_ac: np.ndarray
+  sqrt_ac_prev: np.ndarray
+  sqrt_1m_ac_prev: np.ndarray
+  clip: float | None
+  prediction_type: str
+
+
+def ddim_schedule(scheduler_config: dict[str, Any], num_inference_steps: int) -> DDIMSchedule:
+  """`DDIMScheduler.from_config(config).set_timesteps(num_inference_steps)` tables, in numpy.
+
+  `clip_sample` and `set_alpha_to_one` are off unless the config sets them
+  (diffusers' class defaults are on): latents of real VAEs are not bounded by
+  1, and diffusers' SD pipelines load DDIM from the PNDM / Euler configs of
+  the checkpoints, which set both false.
+  """
+  config = {"clip_sample": False, "set_alpha_to_one": False, **dict(scheduler_config)}
+  _check_options(config, _DDIM_FIXED, "ddim")
+  n, n_train = num_inference_steps, int(config.get("num_train_timesteps", 1000))
+  if n > n_train:
+    raise ValueError(f"ddim: num_inference_steps={n} > num_train_timesteps={n_train}.")
+  spacing = config.get("timestep_spacing", "leading")
+  if spacing == "linspace":
+    timesteps = np.linspace(0, n_train - 1, n).round()[::-1].astype(np.int64)
+  elif spacing == "leading":
+    timesteps = (np.arange(0, n) * (n_train // n)).round()[::-1].astype(np.int64)
+    timesteps += int(config.get("steps_offset", 0))
+  elif spacing == "trailing":
+    timesteps = np.round(np.arange(n_train, 0, -n_train / n)).astype(np.int64) - 1
+  else:
+    raise ValueError(f"ddim: timestep_spacing={spacing!r}; expected one of {_SPACINGS}.")
+  if timesteps.max() >= n_train:  # "leading" + steps_offset at N = T (torch fails in `step`).
+    raise ValueError(f"ddim: timestep {timesteps.max()} >= num_train_timesteps={n_train}.")
+  ac = train_alphas_cumprod(config)
+  final = np.float32(1.0) if config["set_alpha_to_one"] else ac[0]
+  prev = timesteps - n_train // n
+  ac_t = ac[timesteps]
+  ac_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final).astype(np.float32)
+  one = np.float32(1.0)
+  return DDIMSchedule(
+    timesteps=timesteps.astype(np.int32),
+    sqrt_ac=np.sqrt(ac_t),
+    sqrt_1m_ac=np.sqrt(one - ac_t),
+    sqrt_ac_prev=np.sqrt(ac_prev),
+    sqrt_1m_ac_prev=np.sqrt(one - ac_prev),
+    clip=float(config.get("clip_sample_range", 1.0)) if config["clip_sample"] else None,
+    prediction_type=config.get("prediction_type", "epsilon"),
+  )
+
+
+def ddim_loop(schedule: DDIMSchedule, denoise: Denoiser, noise: chex.Array) -> chex.Array:
+  """Deterministic DDIM (eta = 0) from `noise` [B, C, H, W] to x_0 (initial scaling is 1)."""
+  v_pred = schedule.prediction_type == "v_prediction"
+
+  def body(x, step):
+    t, sa, sb, sa_prev, sb_prev = step
+    pred = denoise(x, t)
+    if v_pred:
+      x0, eps = sa * x - sb * pred, sa * pred + sb * x
+    else:
+      x0, eps = (x - sb * pred) / sa, pred
+    if schedule.clip is not None:
+      x0 = jnp.clip(x0, -schedule.clip, schedule.clip)
+    return sa_prev * x0 + sb_prev * eps, None
+
+  steps = tuple(
+    jnp.asarray(getattr(schedule, k))
+    for k in ("timesteps", "sqrt_ac", "sqrt_1m_ac", "sqrt_ac_prev", "sqrt_1m_ac_prev")
+  )
+  x, _ = jax.lax.scan(body, noise.astype(jnp.float32), steps)
+  return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,7 +497,7 @@ def make_sampler(name: str, scheduler_config: dict[str, Any], num_inference_step
     raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
   config = dict(scheduler_config)
   if name == "ddim":
-    return functools.partial(ddim_loop, *make_ddim(config, num_inference_steps))
+    return functools.partial(ddim_loop, ddim_schedule(config, num_inference_steps))
   if name == "euler":
     return functools.partial(euler_loop, euler_schedule(config, num_inference_steps))
   if name == "dpmpp":

@@ -85,11 +85,68 @@ def test_schedule_tables_match_diffusers(config_name, prediction_type):
     assert ref.init_noise_sigma == 1.0  # dpmpp_loop does not scale the noise.
 
 
+# DDIM's own spacings and zero-SNR rescaling (diffusers' DDIMScheduler class defaults: "leading",
+# steps_offset 0, linear betas); clip_sample / set_alpha_to_one as `sampler.ddim_schedule` has them.
+DDIM_CONFIGS = {
+  **SCHEDULE_CONFIGS,
+  "sd15_trailing": {**sd15_scheduler_config(), "timestep_spacing": "trailing"},
+  "sd15_zero_snr_trailing": {
+    **sd15_scheduler_config(),
+    "timestep_spacing": "trailing",
+    "rescale_betas_zero_snr": True,
+  },
+  "cosine_zero_snr_linspace": {
+    "beta_schedule": "squaredcos_cap_v2",
+    "timestep_spacing": "linspace",
+    "rescale_betas_zero_snr": True,
+    "set_alpha_to_one": True,
+  },
+}
+
+
+def torch_ddim(config: dict) -> diffusers.DDIMScheduler:
+  """DDIMScheduler with `sampler.ddim_schedule`'s defaults (clip_sample, set_alpha_to_one off)."""
+  defaults = {"clip_sample": False, "set_alpha_to_one": False}
+  return diffusers.DDIMScheduler.from_config({**defaults, **config})
+
+
+@pytest.mark.parametrize("config_name", sorted(DDIM_CONFIGS))
+def test_ddim_tables_match_diffusers(config_name):
+  config = DDIM_CONFIGS[config_name]
+  ref = torch_ddim(config)
+  ac = ref.alphas_cumprod.numpy()
+  # torch's float32 CPU sqrt is not correctly rounded (numpy's is): the zero-SNR rescaling,
+  # built on sqrt(abar), then differs by ~1 ulp per entry (measured rel. <= 3.6e-5 near abar = 0).
+  np.testing.assert_allclose(sampler.train_alphas_cumprod(config), ac, rtol=1e-4, atol=1e-9)
+  if config.get("rescale_betas_zero_snr"):
+    assert ac[-1] == sampler.train_alphas_cumprod(config)[-1] == 0.0  # Zero terminal SNR.
+  final = 1.0 if ref.config.set_alpha_to_one else ac[0]
+  for n in (1, 4, 7, 50):
+    ref.set_timesteps(n)
+    ours = sampler.ddim_schedule(config, n)
+    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+    # The step's target is t - T // n whatever the spacing (diffusers' `step`).
+    prev = ref.timesteps.numpy() - ref.config.num_train_timesteps // n
+    want_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final)
+    np.testing.assert_allclose(ours.sqrt_ac**2, ac[ref.timesteps.numpy()], rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(ours.sqrt_ac_prev**2, want_prev, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(ours.sqrt_1m_ac**2 + ours.sqrt_ac**2, 1.0, rtol=1e-6)
+
+
 def test_unsupported_options_are_rejected():
   with pytest.raises(ValueError, match="use_karras_sigmas"):
     sampler.make_sampler("euler", {"use_karras_sigmas": True}, 5)
   with pytest.raises(ValueError, match="algorithm_type"):
     sampler.make_sampler("dpmpp", {"algorithm_type": "sde-dpmsolver++"}, 5)
+  # Zero-SNR rescaling is DDIM's only.
+  with pytest.raises(ValueError, match="rescale_betas_zero_snr=True is not implemented"):
+    sampler.make_sampler("dpmpp", {"rescale_betas_zero_snr": True}, 5)
+  with pytest.raises(ValueError, match="ddim: scheduler option thresholding=True"):
+    sampler.make_sampler("ddim", {"thresholding": True}, 5)
+  with pytest.raises(ValueError, match="ddim: timestep_spacing='karras'; expected one of"):
+    sampler.make_sampler("ddim", {"timestep_spacing": "karras"}, 5)
+  with pytest.raises(ValueError, match="ddim: timestep 1000 >= num_train_timesteps=1000"):
+    sampler.make_sampler("ddim", {"steps_offset": 1}, 1000)
   with pytest.raises(ValueError, match="Unknown scheduler 'pndm'"):
     sampler.make_sampler("pndm", {}, 5)
 
@@ -104,8 +161,7 @@ def fake_unet(x, t, c, lib):
 
 def torch_reference_loop(name, config, n, noise, cond, uncond, guidance):
   """diffusers' own loop: init_noise_sigma, scale_model_input, CFG, step."""
-  kwargs = {"clip_sample": False} if name == "ddim" else {}
-  sched = TORCH_SCHEDULERS[name].from_config(config, **kwargs)
+  sched = torch_ddim(config) if name == "ddim" else TORCH_SCHEDULERS[name].from_config(config)
   sched.set_timesteps(n)
   x = torch.from_numpy(noise) * sched.init_noise_sigma
   c, u = torch.from_numpy(cond), torch.from_numpy(uncond)
@@ -118,6 +174,8 @@ def torch_reference_loop(name, config, n, noise, cond, uncond, guidance):
 
 LOOP_CASES = [
   ("ddim", {}),
+  ("ddim", {"timestep_spacing": "trailing"}),
+  ("ddim", {"timestep_spacing": "linspace", "steps_offset": 0, "set_alpha_to_one": True}),
   ("euler", {}),
   ("euler", {"timestep_spacing": "linspace", "steps_offset": 0}),
   ("dpmpp", {}),
@@ -127,10 +185,12 @@ LOOP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("name,extra", LOOP_CASES)
-def test_loops_match_diffusers_steps(name, extra, prediction_type):
-  config = {**sd15_scheduler_config(), **extra, "prediction_type": prediction_type}
+def check_loop_against_diffusers(name: str, config: dict, atol: float = 0.0) -> list[np.ndarray]:
+  """Our loop vs diffusers' at 1 and 16 steps on the fake UNet; returns our finals.
+
+  The tolerance is float32 round-off on the final values (5e-6 x their scale),
+  or `atol` where the loop passed through larger values than it ends with.
+  """
   rng = np.random.default_rng(0)
   shape = (2, 4, 8, 8)
   noise = rng.standard_normal(shape).astype(np.float32)
@@ -146,11 +206,44 @@ def test_loops_match_diffusers_steps(name, extra, prediction_type):
     loop = sampler.make_sampler(name, config, n)
     got = np.asarray(jax.jit(lambda z, loop=loop: loop(denoise, z))(noise))
     want = torch_reference_loop(name, config, n, noise, cond, uncond, 3.0)
+    assert np.isfinite(want).all()
     # float32 round-off only (measured <= ~2.5e-5 on values up to ~30).
-    np.testing.assert_allclose(got, want, atol=5e-6 * (1 + np.abs(want).max()), rtol=0)
+    tol = max(atol, 5e-6 * (1 + np.abs(want).max()))
+    np.testing.assert_allclose(got, want, atol=tol, rtol=0)
     finals.append(got)
   # The step count matters far beyond that tolerance.
   assert np.abs(finals[-1] - finals[0]).max() > 1e-2
+  return finals
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name,extra", LOOP_CASES)
+def test_loops_match_diffusers_steps(name, extra, prediction_type):
+  config = {**sd15_scheduler_config(), **extra, "prediction_type": prediction_type}
+  check_loop_against_diffusers(name, config)
+
+
+def test_ddim_zero_snr_loop_matches_diffusers():
+  # Zero terminal SNR goes with v-prediction (epsilon is undefined at abar = 0) and
+  # "trailing" spacing, whose first step is then at abar = 0 exactly.
+  config = DDIM_CONFIGS["sd15_zero_snr_trailing"]
+  zsnr = check_loop_against_diffusers("ddim", {**config, "prediction_type": "v_prediction"})
+  plain = {**config, "rescale_betas_zero_snr": False, "prediction_type": "v_prediction"}
+  base = check_loop_against_diffusers("ddim", plain)
+  # The rescaling is not a no-op at this tolerance.
+  assert np.abs(zsnr[1] - base[1]).max() > 1e-2
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_clip_sample_matches_diffusers(prediction_type):
+  config = {**sd15_scheduler_config(), "prediction_type": prediction_type}
+  clip = {**config, "clip_sample": True, "clip_sample_range": 0.5}
+  # x_0 = (x - sqrt(1 - abar) eps) / sqrt(abar) reaches ~30 early on and is then clipped to
+  # 0.5, so its round-off (measured <= 1.2e-5) is large next to the clipped final values.
+  clipped = check_loop_against_diffusers("ddim", clip, atol=5e-5)
+  free = check_loop_against_diffusers("ddim", config)
+  # The fake UNet's x_0 estimates leave [-0.5, 0.5]: clipping changes the result.
+  assert np.abs(clipped[1] - free[1]).max() > 1e-2
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -200,7 +293,7 @@ def test_matches_diffusers_pipeline(name, tiny_sd15, pipe, torch_pipe, runs):
   with open(os.path.join(tiny_sd15, "scheduler", "scheduler_config.json")) as f:
     folder_config = json.load(f)
   # The tiny PNDM config has no clip_sample field and DDIMScheduler's default clips x_0
-  # to [-1, 1]; the real SD1.5 config sets it false, as `sampler.make_ddim` assumes.
+  # to [-1, 1]; the real SD1.5 config sets it false, as `sampler.ddim_schedule` assumes.
   kwargs = {"clip_sample": False} if name == "ddim" else {}
   torch_pipe.scheduler = TORCH_SCHEDULERS[name].from_config(folder_config, **kwargs)
   noise = sample.initial_noise(SEEDS, sample.latent_shape(pipe))
