@@ -28,6 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.sharding import Mesh
 
 from dpo_jax import prompts as prompts_lib
@@ -87,8 +88,11 @@ class SampleEval:
     if jax.process_index() == 0:
       from PIL import Image
 
-      os.makedirs(self.out_dir, exist_ok=True)
-      Image.fromarray(grid).save(os.path.join(self.out_dir, f"step_{step:07d}.png"))
+      # etils.epath: a gs:// workdir keeps its grids in the bucket.
+      out_dir = epath.Path(self.out_dir)
+      out_dir.mkdir(parents=True, exist_ok=True)
+      with (out_dir / f"step_{step:07d}.png").open("wb") as f:
+        Image.fromarray(grid).save(f, format="PNG")
     if out:
       writer.write_scalars(step, out)
     writer.write_images(step, {"sample_eval/grid": grid[None]})
@@ -135,7 +139,7 @@ def make_sample_eval(
       scheduler=se.scheduler,
     ),
     scorers={n: scorers_lib.make_scorer(n, p) for n, p in specs.items()},
-    out_dir=os.path.join(workdir, "sample_eval"),
+    out_dir=os.fspath(epath.Path(workdir) / "sample_eval"),
     columns=se.images_per_prompt,
     mesh=mesh,
   )
