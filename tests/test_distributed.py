@@ -1,6 +1,6 @@
 """Multi-process start-up: environment detection and the launch scripts' commands.
 
-The real 2-process run of the CLI through scripts/multinode.sh is in
+The real 2-process run of the CLI through launch/multinode.sh is in
 test_device_agreement.py (it also checks the result against 1 and 8 devices).
 """
 
@@ -46,7 +46,7 @@ def test_initialize_decides_without_touching_jax():
 def _dry_run(script: str, *args: str, **env: str) -> list[str]:
   """The command a launch script would run (DRY_RUN=1), split back into arguments."""
   out = subprocess.run(
-    ["bash", os.path.join(REPO, "scripts", script), *args],
+    ["bash", os.path.join(REPO, "launch", script), *args],
     env={**os.environ, "DRY_RUN": "1", **env},
     capture_output=True,
     text=True,
@@ -79,7 +79,7 @@ def test_slurm_script_starts_one_task_per_gpu_with_the_entry_point():
     "srun", "--kill-on-bad-exit=1", "python", "-m", "dpo_jax.train", "--distributed=on",
     "--config=configs/sd15.py", "--workdir=/shared/r",
   ]  # fmt: skip
-  with open(os.path.join(REPO, "scripts", "slurm_gpu.sbatch")) as f:
+  with open(os.path.join(REPO, "launch", "slurm_gpu.sbatch")) as f:
     directives = [line for line in f if line.startswith("#SBATCH")]
   per_node = {d.split("=")[0]: d.split("=")[1].strip() for d in directives if "=" in d}
   assert per_node["#SBATCH --ntasks-per-node"] == per_node["#SBATCH --gpus-per-node"]
