@@ -73,15 +73,16 @@ def closest_fields(path: str, fields: Sequence[str], n: int = 3) -> list[str]:
   """
   leaf = path.rsplit(".", 1)[-1]
 
-  def score(field: str) -> float:
+  def score(field: str) -> tuple[float, float]:
     whole = difflib.SequenceMatcher(None, path, field).ratio()
     last = difflib.SequenceMatcher(None, leaf, field.rsplit(".", 1)[-1]).ratio()
-    return max(whole, last)
+    return max(whole, last), whole  # Ties: the field at the same level first.
 
-  scored = sorted(((score(f), f) for f in fields if f != path), key=lambda t: -t[0])
-  if not scored or scored[0][0] < 0.7:
+  scored = sorted(((score(f), f) for f in fields if f != path), key=lambda t: t[0], reverse=True)
+  if not scored or scored[0][0][0] < 0.7:
     return []
-  return [f for s, f in scored[:n] if s >= scored[0][0] - 0.1]
+  best = scored[0][0][0]
+  return [f for (s, _), f in scored[:n] if s >= best - 0.1]
 
 
 def _has_field(config: Any, path: str) -> bool:
