@@ -36,9 +36,13 @@ from etils import epath
 
 SOURCES = ("synthetic", "pickapic", "cache")
 # Components of a diffusers pipeline whose weights a run reads, with the library
-# that names their files.
-_WEIGHTED = {"unet": "diffusers", "vae": "diffusers", "text_encoder": "transformers"}
-_WEIGHTED_SDXL = {"text_encoder_2": "transformers"}
+# that names their files (when model_index.json lists them).
+_WEIGHTED = {
+  "unet": "diffusers",
+  "vae": "diffusers",
+  "text_encoder": "transformers",
+  "text_encoder_2": "transformers",
+}
 
 
 class UserInputError(ValueError):
@@ -220,7 +224,9 @@ def check_pipeline(path: str, variant: str = "", with_encoders: bool = True) -> 
     if (root / "config.json").exists():
       hint = " It looks like one component of a pipeline (config.json): pass the folder above it."
     else:
-      inner = sorted(p.parent for p in root.glob("*/model_index.json"))
+      # A folder above the pipeline, e.g. a hub cache's models--ORG--NAME/.
+      found = [*root.glob("*/model_index.json"), *root.glob("snapshots/*/model_index.json")]
+      inner = sorted(p.parent for p in found)
       if inner:
         hint = f" Did you mean {inner[0]}?"
     raise UserInputError(f"{field}={path} has no model_index.json; expected {what}.{hint}")
@@ -235,9 +241,7 @@ def check_pipeline(path: str, variant: str = "", with_encoders: bool = True) -> 
   except json.JSONDecodeError as e:
     raise UserInputError(f"{index_path} is not valid JSON ({e}).") from e
   listed = {k for k, v in index.items() if isinstance(v, list) and v and v[0] is not None}
-  components = {"unet": "diffusers"}
-  if with_encoders:
-    components = {**_WEIGHTED, **_WEIGHTED_SDXL}
+  components = _WEIGHTED if with_encoders else {"unet": "diffusers"}
   names = {"diffusers": loader.DIFFUSERS_WEIGHTS, "transformers": loader.TRANSFORMERS_WEIGHTS}
   for component, library in components.items():
     if component != "unet" and component not in listed:
