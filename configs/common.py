@@ -41,6 +41,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Resume order: workdir/checkpoints (newest readable step) -> pretrained_path
   # -> random init; the frozen reference is always the initial UNet.
   c.pretrained_path = ""
+  # diffusers weights variant of that folder's files, e.g. "fp16" for
+  # `diffusion_pytorch_model.fp16.safetensors` / `model.fp16.safetensors` (the
+  # hub's half-precision copies); "" = the plain files. Values are cast to the
+  # configured precision either way.
+  c.pretrained_variant = ""
   c.async_checkpointing = True
   # Stops at the first NaN produced inside any jitted function (jax_debug_nans;
   # slow, for debugging a run whose loss turned NaN).

@@ -2,9 +2,11 @@
 
   python -m dpo_jax.export --checkpoint=WORKDIR_OR_STEP_DIR --output=DIR \
       [--base=PRETRAINED_DIR] [--dtype=float32|float16|bfloat16] [--unet_only]
+      [--pretrained_variant=fp16]
 
 writes
   DIR/unet/diffusion_pytorch_model.safetensors   the checkpoint's UNet, PyTorch names/layouts
+                                                 (`.fp16.safetensors` etc. for a variant base)
   DIR/unet/config.json                           the base's UNet config
   DIR/model_index.json, vae/, text_encoder*/, tokenizer*/, scheduler/   copied from the base
   DIR/README.md                                  model card (config, step, metrics, usage)
@@ -104,14 +106,14 @@ def _torch_unet_shapes(config_path: str) -> dict[str, tuple[int, ...]]:
   return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def pytorch_unet_shapes(unet_dir: str) -> dict[str, tuple[int, ...]]:
+def pytorch_unet_shapes(unet_dir: str, variant: str | None = None) -> dict[str, tuple[int, ...]]:
   """{PyTorch key: shape} that diffusers' `UNet2DConditionModel` reads for `unet_dir`.
 
   Taken from the folder's own weights (safetensors header, sharded index, or
-  `.bin`), or, for Flax msgpack weights, from torch's model built from
-  `config.json`.
+  `.bin`; the `variant` files, e.g. "fp16", when given), or, for Flax msgpack
+  weights, from torch's model built from `config.json`.
   """
-  path = loader.find_weights(unet_dir, loader.DIFFUSERS_WEIGHTS)
+  path = loader.find_weights(unet_dir, loader.DIFFUSERS_WEIGHTS, variant)
   if path.endswith(".msgpack"):
     return _torch_unet_shapes(os.path.join(unet_dir, "config.json"))
   shapes = {}
@@ -164,12 +166,25 @@ def _pytorch_class_name(name: str) -> str:
   return name.removeprefix("Flax")
 
 
-def write_unet(params: Params, base_unet_dir: str, output_dir: str, dtype: str, target: str) -> str:
-  """Writes `output_dir/{config.json, diffusion_pytorch_model.safetensors}`; returns the file."""
+def write_unet(
+  params: Params,
+  base_unet_dir: str,
+  output_dir: str,
+  dtype: str,
+  target: str,
+  variant: str | None = None,
+) -> str:
+  """Writes `output_dir/{config.json, diffusion_pytorch_model[.variant].safetensors}`.
+
+  With a `variant` base (e.g. a hub folder holding only `*.fp16.*` files) the
+  key names come from the base's variant file, and the UNet is written under
+  the same variant name, so the exported folder loads with the variant its
+  other (copied) components need. Returns the weights file.
+  """
   config_path = os.path.join(base_unet_dir, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"Missing file {config_path}.")
-  shapes = pytorch_unet_shapes(base_unet_dir)
+  shapes = pytorch_unet_shapes(base_unet_dir, variant)
   state = cast_state_dict(to_pytorch_state_dict(params, shapes, base_unet_dir, target), dtype)
   os.makedirs(output_dir, exist_ok=True)
   with open(config_path) as f:
@@ -181,7 +196,7 @@ def write_unet(params: Params, base_unet_dir: str, output_dir: str, dtype: str, 
     config["_class_name"] = _pytorch_class_name(name)
     with open(os.path.join(output_dir, "config.json"), "w") as f:
       json.dump(config, f, indent=2)
-  path = os.path.join(output_dir, UNET_WEIGHTS)
+  path = os.path.join(output_dir, loader.add_variant(UNET_WEIGHTS, variant))
   safetensors.numpy.save_file(state, path, metadata={"format": "pt"})
   return path
 
@@ -239,11 +254,19 @@ def _metrics_table(rows: list[dict[str, Any]]) -> str:
 
 
 def model_card(
-  meta: dict[str, Any], step_dir: str, base: str, kind: str, dtype: str, metrics: list
+  meta: dict[str, Any],
+  step_dir: str,
+  base: str,
+  kind: str,
+  dtype: str,
+  metrics: list,
+  variant: str = "",
 ) -> str:
   """README.md text: what was trained, for how long, the last metrics and how to load it."""
   config = meta.get("config", {})
   cls = PIPELINE_CLASSES[kind]
+  # Both loaders take the same argument: the folder holds only `variant` files.
+  with_variant = f", variant={variant!r}" if variant else ""
   tags = ["diffusers", "text-to-image", "stable-diffusion" + ("-xl" if kind == "sdxl" else "")]
   summary = ", ".join(
     f"{k}={config[k]}" for k in ("objective", "beta", "max_steps", "seed") if k in config
@@ -271,11 +294,11 @@ PyTorch diffusers:
 import torch
 from diffusers import {cls}
 
-pipe = {cls}.from_pretrained("PATH_TO_THIS_FOLDER", torch_dtype=torch.{dtype})
+pipe = {cls}.from_pretrained("PATH_TO_THIS_FOLDER", torch_dtype=torch.{dtype}{with_variant})
 image = pipe("a photo of an astronaut riding a horse").images[0]
 ```
 
-dpo_jax (JAX): `dpo_jax.models.loader.load_pipeline("PATH_TO_THIS_FOLDER")`, then
+dpo_jax (JAX): `dpo_jax.models.loader.load_pipeline("PATH_TO_THIS_FOLDER"{with_variant})`, then
 `dpo_jax.sample.generate(pipeline, pipeline.unet_params, prompts, seeds)`.
 
 ## Training config
@@ -292,6 +315,7 @@ def export(
   base: str | None = None,
   dtype: str = "float32",
   unet_only: bool = False,
+  variant: str | None = None,
 ) -> str:
   """Writes the checkpoint's UNet (and the base's other components) as a diffusers folder.
 
@@ -302,6 +326,9 @@ def export(
       `config.pretrained_path` from the checkpoint meta).
     dtype: "float32" (lossless), "float16" or "bfloat16" for the UNet tensors.
     unet_only: write only `output/unet/`.
+    variant: weights variant of the base's files, e.g. "fp16" ("" = the plain
+      files; default None: the run's `config.pretrained_variant`). The UNet is
+      written under the same variant name.
 
   Returns:
     `output`.
@@ -313,7 +340,10 @@ def export(
     raise FileExistsError(f"{output} is not empty; choose a new --output folder.")
   step_dir = checkpoint.resolve_step_dir(checkpoint_path)
   params, meta = checkpoint.load_params_for_inference(step_dir)
-  base = base or meta.get("config", {}).get("pretrained_path", "")
+  run_config = meta.get("config", {})
+  base = base or run_config.get("pretrained_path", "")
+  if variant is None:
+    variant = run_config.get("pretrained_variant", "")
   if not base:
     raise ValueError(
       f"The run of {step_dir} started from a random UNet (no pretrained_path); pass --base=DIR, "
@@ -323,11 +353,14 @@ def export(
     raise FileNotFoundError(f"No base pipeline folder at {base}.")
   kind = None if unet_only else loader.detect_kind(base)  # Checks model_index.json early.
   target = os.path.join(step_dir, "state")
-  write_unet(params, os.path.join(base, "unet"), os.path.join(output, "unet"), dtype, target)
+  write_unet(
+    params, os.path.join(base, "unet"), os.path.join(output, "unet"), dtype, target, variant
+  )
   if unet_only:
     return output
   copy_components(base, output)
-  card = model_card(meta, step_dir, base, kind, dtype, final_metrics(step_dir, meta["step"]))
+  metrics = final_metrics(step_dir, meta["step"])
+  card = model_card(meta, step_dir, base, kind, dtype, metrics, variant)
   with open(os.path.join(output, "README.md"), "w") as f:
     f.write(card)
   return output
@@ -343,7 +376,7 @@ def main(argv: Sequence[str]) -> None:
     raise ValueError(f"Unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
   f = flags.FLAGS
-  path = export(f.checkpoint, f.output, f.base or None, f.dtype, f.unet_only)
+  path = export(f.checkpoint, f.output, f.base or None, f.dtype, f.unet_only, f.pretrained_variant)
   print(f"Wrote {'the UNet' if f.unet_only else 'a diffusers pipeline'} to {path}")
 
 
@@ -357,6 +390,12 @@ def _define_flags() -> None:
   flags.DEFINE_string("output", None, "Output folder (new or empty).", required=True)
   flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"], "UNet tensor dtype.")
   flags.DEFINE_bool("unet_only", False, "Write only unet/ (no other components, no README).")
+  flags.DEFINE_string(
+    "pretrained_variant",
+    None,
+    "Weights variant of the base's files, e.g. fp16 ('' = the plain files; default: the run's "
+    "config.pretrained_variant). The UNet is written under the same variant name.",
+  )
 
 
 if __name__ == "__main__":

@@ -390,7 +390,11 @@ def main(argv: Sequence[str]) -> None:
   if not pipeline_path:
     raise UsageError("Pass --checkpoint=WORKDIR_OR_STEP_DIR and/or --pipeline=DIFFUSERS_DIR.")
   # The base UNet's weights are read only when they are what gets sampled.
-  pipeline = loader.load_pipeline(pipeline_path, unet_weights=params is None)
+  run_variant = meta["config"].get("pretrained_variant", "") if f.checkpoint else ""
+  variant = run_variant if f.pretrained_variant is None else f.pretrained_variant
+  pipeline = loader.load_pipeline(
+    pipeline_path, variant=variant or None, unet_weights=params is None
+  )
   params = pipeline.unet_params if params is None else params
   prompts = prompts_lib.load_prompts(f.prompts)
   k = f.num_images_per_prompt
@@ -430,6 +434,12 @@ def _define_flags() -> None:
 
   flags.DEFINE_string("checkpoint", "", "Training workdir, its checkpoints/ or a step folder.")
   flags.DEFINE_string("pipeline", "", "Diffusers folder (default: the checkpoint's base).")
+  flags.DEFINE_string(
+    "pretrained_variant",
+    None,
+    "Weights variant of the pipeline's files, e.g. fp16 ('' = the plain files; default: the "
+    "checkpoint's config.pretrained_variant, else '').",
+  )
   flags.DEFINE_string(
     "prompts",
     None,

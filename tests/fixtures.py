@@ -4,7 +4,7 @@
   `write_parquet`): winners are red, losers blue or grey.
 - The tiny training config of the end-to-end runs (`make_train_config`).
 - Launchers for 2-process jax.distributed runs: `tests/multihost_worker.py`,
-  or the training CLI through scripts/multinode.sh.
+  or the training CLI through launch/multinode.sh.
 """
 
 from __future__ import annotations
@@ -185,12 +185,12 @@ def run_train_cli_two_processes(
   workdir: str, timeout: float, while_running=None, **extra
 ) -> list[str]:
   """`train_cli` as processes 0 and 1 of one job (4 CPU devices each), started through
-  scripts/multinode.sh as a user would; -> each process's output."""
+  launch/multinode.sh as a user would; -> each process's output."""
 
   def command(pid, port):
     args, env = train_cli(workdir, devices=4, **extra)
     assert args[1:3] == ["-m", "dpo_jax.train"]
-    script = os.path.join(REPO, "scripts", "multinode.sh")
+    script = os.path.join(REPO, "launch", "multinode.sh")
     env.update(COORDINATOR=f"127.0.0.1:{port}", NUM_NODES="2", NODE_RANK=str(pid))
     env["JAX_PLATFORMS"] = "cpu"  # -> gloo collectives (dpo_jax.distributed).
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]

@@ -73,7 +73,7 @@ def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
   assert_same_updates(load_params(sharded, 5), load_params(one, 5), theta0)
 
   # Two processes x 4 devices (gloo collectives), started as users do (the
-  # CLI through scripts/multinode.sh), same global mesh and batch: the
+  # CLI through launch/multinode.sh), same global mesh and batch: the
   # assembled global batches are identical, so the run agrees up to the
   # reduction order of cross-process collectives. The run is preempted: both
   # processes get SIGTERM once a random step has finished, agree on a step,

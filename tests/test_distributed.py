@@ -1,6 +1,6 @@
 """Multi-process start-up: environment detection and the launch scripts' commands.
 
-The real 2-process run of the CLI through scripts/multinode.sh is in
+The real 2-process run of the CLI through launch/multinode.sh is in
 test_device_agreement.py (it also checks the result against 1 and 8 devices).
 """
 
@@ -46,7 +46,7 @@ def test_initialize_decides_without_touching_jax():
 def _dry_run(script: str, *args: str, **env: str) -> list[str]:
   """The command a launch script would run (DRY_RUN=1), split back into arguments."""
   out = subprocess.run(
-    ["bash", os.path.join(REPO, "scripts", script), *args],
+    ["bash", os.path.join(REPO, "launch", script), *args],
     env={**os.environ, "DRY_RUN": "1", **env},
     capture_output=True,
     text=True,
@@ -79,7 +79,47 @@ def test_slurm_script_starts_one_task_per_gpu_with_the_entry_point():
     "srun", "--kill-on-bad-exit=1", "python", "-m", "dpo_jax.train", "--distributed=on",
     "--config=configs/sd15.py", "--workdir=/shared/r",
   ]  # fmt: skip
-  with open(os.path.join(REPO, "scripts", "slurm_gpu.sbatch")) as f:
+  with open(os.path.join(REPO, "launch", "slurm_gpu.sbatch")) as f:
     directives = [line for line in f if line.startswith("#SBATCH")]
   per_node = {d.split("=")[0]: d.split("=")[1].strip() for d in directives if "=" in d}
   assert per_node["#SBATCH --ntasks-per-node"] == per_node["#SBATCH --gpus-per-node"]
+
+
+def test_tpu_pod_setup_installs_from_the_given_source(tmp_path):
+  def setup(src: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "tpu_pod.sh"), "setup"],
+      env={**os.environ, "DRY_RUN": "1", "DPO_JAX_SRC": src, "TPU_NAME": "pod", "ZONE": "z"},
+      capture_output=True,
+      text=True,
+    )
+
+  def commands(src: str) -> list[list[str]]:
+    proc = setup(src)
+    assert proc.returncode == 0, proc.stderr
+    return [shlex.split(line) for line in proc.stdout.splitlines()]
+
+  def remote(cmd: list[str]) -> str:
+    return next(a for a in cmd if a.startswith("--command="))[len("--command=") :]
+
+  # A git URL: every host clones it and installs the clone with jax[tpu].
+  (ssh,) = commands("https://git.example/me/dpo_jax")
+  assert "git clone https://git.example/me/dpo_jax dpo_jax" in remote(ssh)
+  assert "pip install -q -e . 'jax[tpu]" in remote(ssh)
+  # A local clone: its HEAD as an archive, copied to every host, unpacked, installed.
+  archive, scp, ssh = commands(REPO)
+  assert archive[:4] == ["git", "-C", REPO, "archive"] and archive[-1] == "HEAD"
+  assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
+  assert scp[5] == archive[archive.index("-o") + 1] and scp[6] == "pod:dpo_jax_src.tar.gz"
+  assert "tar -xzf dpo_jax_src.tar.gz -C dpo_jax" in remote(ssh)
+  # A wheel file: copied, pip-installed, and its configs package copied to the run directory.
+  wheel = tmp_path / "dpo_jax-0.1.0-py3-none-any.whl"
+  wheel.write_bytes(b"")
+  scp, ssh = commands(str(wheel))
+  assert scp[5:7] == [str(wheel), f"pod:./{wheel.name}"]
+  assert f"pip install -q ./{wheel.name} 'jax[tpu]" in remote(ssh)
+  assert '"dpo_jax/configs"' in remote(ssh)
+  # Neither a clone nor an existing wheel: one error line, nothing run.
+  for src in (str(tmp_path / "x.whl"), str(tmp_path)):
+    bad = setup(src)
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.startswith("error: DPO_JAX_SRC")

@@ -355,3 +355,69 @@ def test_scheduler_prediction_type(sd15_dir, tmp_path):
     else:
       loaded = loader.load_scheduler_config(str(tmp_path))
       assert loaded["prediction_type"] == want and "_class_name" not in loaded
+
+
+def _half(tree):
+  """float32 params -> float16 and back, as numpy (the values an fp16 file holds)."""
+  return jax.tree.map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32), tree)
+
+
+@pytest.fixture(scope="module")
+def sd15_fp16_dir(sd15_dir, torch_sd15, tmp_path_factory):
+  """The tiny SD1.5 pipeline as the hub's fp16 branches ship it: only `*.fp16.*` weights."""
+  out = str(tmp_path_factory.mktemp("sd15_fp16"))
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd15_dir).to(torch.float16)
+  pipe.save_pretrained(out, variant="fp16", safe_serialization=True)
+  names = sorted(os.listdir(os.path.join(out, "unet")))
+  assert names == ["config.json", "diffusion_pytorch_model.fp16.safetensors"], names
+  return out
+
+
+def test_fp16_variant_folder_loads_only_with_the_variant(sd15, sd15_fp16_dir):
+  with pytest.raises(FileNotFoundError) as e:
+    loader.load_pipeline(sd15_fp16_dir)
+  msg = str(e.value)
+  assert os.path.join(sd15_fp16_dir, "unet") in msg and "\n" not in msg
+  assert "Variants found: 'fp16'" in msg and "--config.pretrained_variant=fp16" in msg
+  pipe = loader.load_pipeline(sd15_fp16_dir, variant="fp16")
+  # float16 values widened to the float32 master copy, bit for bit.
+  for got, full in [
+    (pipe.unet_params, sd15.unet_params),
+    (pipe.vae_params, sd15.vae_params),
+    (pipe.text_encoder_params, sd15.text_encoder_params),
+  ]:
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(got))
+    _assert_trees_equal(got, _half(full))
+
+
+def test_config_pretrained_variant_reaches_every_loader(sd15, sd15_fp16_dir):
+  from configs import sd15 as sd15_config
+  from dpo_jax.models import build
+
+  c = sd15_config.get_config()
+  c.unlock()
+  c.pretrained_path = sd15_fp16_dir
+  c.precision.compute_dtype = "float32"
+  with pytest.raises(FileNotFoundError, match="Variants found: 'fp16'"):
+    build.build_models(c)
+  c.pretrained_variant = "fp16"
+  full = build.build_models(c)  # pickapic: the whole pipeline.
+  _assert_trees_equal(full.pretrained_params, _half(sd15.unet_params))
+  _assert_trees_equal(full.pipeline.text_encoder_params, _half(sd15.text_encoder_params))
+  c.data.source = "cache"  # The UNet alone.
+  unet_only = build.build_models(c)
+  assert unet_only.pipeline is None
+  _assert_trees_equal(unet_only.pretrained_params, _half(sd15.unet_params))
+
+
+def test_export_from_a_variant_base_writes_the_variant(sd15, sd15_fp16_dir, tmp_path):
+  from dpo_jax import export
+
+  base_unet = os.path.join(sd15_fp16_dir, "unet")
+  with pytest.raises(FileNotFoundError, match="--pretrained_variant=fp16"):
+    export.write_unet(sd15.unet_params, base_unet, str(tmp_path / "plain"), "float32", "params")
+  out = str(tmp_path / "unet")
+  path = export.write_unet(sd15.unet_params, base_unet, out, "float32", "params", "fp16")
+  assert os.path.basename(path) == "diffusion_pytorch_model.fp16.safetensors"
+  _, params = loader.load_unet(out, variant="fp16")
+  _assert_trees_equal(params, sd15.unet_params)  # float32 export: lossless.

@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from dpo_jax.data import encode, pipeline
 
@@ -180,11 +180,12 @@ def to_step_batch(flat: dict[str, Any], rpo_embedding: str = "") -> dict[str, An
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  from dpo_jax import distributed
+  from dpo_jax import distributed, preflight
   from dpo_jax.models import build as build_lib
 
-  distributed.initialize_from_flags()  # Several processes split the shards.
   config, output = flags.FLAGS.config, flags.FLAGS.output
+  preflight.preflight(config, source="pickapic")  # It reads parquet shards through the encoders.
+  distributed.initialize_from_flags()  # Several processes split the shards.
   n = write_cache(config, build_lib.build_models(config, with_encoders=True), output)
   logging.info("Cache of %d examples complete in %s.", n, output)
 
@@ -192,12 +193,15 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
   # Flags are defined only when run as a program, so importing this module
   # (the trainer does) never clashes with another entry point's flags.
+  import sys
+
   from ml_collections import config_flags
 
-  from dpo_jax import distributed
+  from dpo_jax import distributed, preflight
 
+  preflight.check_config_args(sys.argv)  # One line for a misspelt --config.FIELD.
   distributed.define_flags()
   config_flags.DEFINE_config_file("config", None, "Training config.", lock_config=True)
   flags.DEFINE_string("output", None, "Cache directory to write.")
   flags.mark_flags_as_required(["config", "output"])
-  app.run(main)
+  preflight.run(main)  # app.run, with one-line errors for flag mistakes and bad inputs.

@@ -4,7 +4,8 @@ Two sources, chosen by `config.pretrained_path`:
   - "" : a randomly initialised UNet from `config.model` and the schedule in
     `config.scheduler` (tiny CPU configs, tests);
   - a diffusers folder: UNet, VAE, text encoders, tokenizers and scheduler from
-    disk (`models.loader`). The folder's scheduler config wins over
+    disk (`models.loader`), the weights variant `config.pretrained_variant`
+    (e.g. "fp16" files) when set. The folder's scheduler config wins over
     `config.scheduler` (the UNet was trained with it), and its UNet config
     over `config.model`.
 
@@ -63,6 +64,8 @@ def build_models(config: ml_collections.ConfigDict, with_encoders: bool | None =
   remat = config.model.remat
   if with_encoders is None:
     with_encoders = config.data.source != "cache"
+  # .get: configs saved before the field existed (checkpoint metas) have none.
+  variant = config.get("pretrained_variant", "") or None
   if not config.pretrained_path:
     unet = unet_lib.unet_from_config(config.model, compute)
     return Models(
@@ -73,7 +76,9 @@ def build_models(config: ml_collections.ConfigDict, with_encoders: bool | None =
       pipeline=None,
     )
   if not with_encoders:
-    unet, params = loader.load_unet(os.path.join(config.pretrained_path, "unet"), dtype=compute)
+    unet, params = loader.load_unet(
+      os.path.join(config.pretrained_path, "unet"), variant=variant, dtype=compute
+    )
     unet = unet_lib.with_remat(unet, remat)
     return Models(
       unet=unet,
@@ -84,7 +89,7 @@ def build_models(config: ml_collections.ConfigDict, with_encoders: bool | None =
       ),
       pipeline=None,
     )
-  pipeline = loader.load_pipeline(config.pretrained_path, dtype=compute)
+  pipeline = loader.load_pipeline(config.pretrained_path, variant=variant, dtype=compute)
   params = pipeline.unet_params
   # Only the trained UNet rematerialises; the pipeline's (sampling) stays stock.
   unet = unet_lib.with_remat(pipeline.unet, remat)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -179,7 +180,9 @@ def find_weights(directory: str, names: tuple[str, str, str], variant: str | Non
   """Path of the weights file in `directory`, preferring safetensors, then .bin, then msgpack.
 
   Sharded checkpoints (`<name>.index.json`) are found too. Raises
-  FileNotFoundError naming the folder and every file name that was accepted.
+  FileNotFoundError naming the folder, every file name that was accepted, and
+  the variants whose files the folder does hold (a hub folder with only
+  `*.fp16.safetensors` needs `variant="fp16"`).
   """
   candidates = []
   for name in names:
@@ -190,9 +193,48 @@ def find_weights(directory: str, names: tuple[str, str, str], variant: str | Non
     path = os.path.join(directory, candidate)
     if os.path.isfile(path):
       return path
-  present = sorted(os.listdir(directory)) if os.path.isdir(directory) else "folder missing"
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"No weights in {directory}: the folder does not exist.")
+  present = sorted(os.listdir(directory))
   raise FileNotFoundError(
-    f"No weights in {directory}: expected one of {candidates} (found: {present})."
+    f"No weights in {directory}: expected one of {candidates} (found: {present}). "
+    + variant_hint(weight_variants(present, names), variant)
+  )
+
+
+def weight_variants(filenames: list[str], names: tuple[str, ...]) -> list[str]:
+  """The weights variants among `filenames`: "" for plain files, else e.g. "fp16".
+
+  `names` are the plain file names (`DIFFUSERS_WEIGHTS` / `TRANSFORMERS_WEIGHTS`);
+  a variant `V` is `<stem>.V.<ext>` or, sharded, `<name>.index.V.json`.
+  """
+  found = set()
+  for name in names:
+    stem, ext = name.rsplit(".", 1)
+    plain = re.compile(rf"^{re.escape(name)}(\.index\.json)?$")
+    with_variant = re.compile(
+      rf"^(?:{re.escape(stem)}\.(?P<a>[^.]+)\.{re.escape(ext)}"
+      rf"|{re.escape(name)}\.index\.(?P<b>[^.]+)\.json)$"
+    )
+    for f in filenames:
+      if plain.match(f):
+        found.add("")
+      elif m := with_variant.match(f):
+        found.add(m.group("a") or m.group("b"))
+  return sorted(found)
+
+
+def variant_hint(found: list[str], variant: str | None) -> str:
+  """What to do about a weights variant mismatch, from the variants a folder holds."""
+  if not found:
+    return "No weights file of any variant is there."
+  listed = ", ".join(f"{v!r}" if v else "'' (the plain files)" for v in found)
+  # Suggest a named variant, unless a variant was asked for and plain files exist.
+  v = next((v for v in found if v), "") if not variant or "" not in found else ""
+  flag = v or "''"
+  return (
+    f"Variants found: {listed}; load with variant={v!r} (--config.pretrained_variant={flag} "
+    f"for train / cache, --pretrained_variant={flag} for sample / export)."
   )
 
 

@@ -3,7 +3,7 @@
 # this once per machine, each process using all of its machine's accelerators.
 #
 #   # on machine 0 (its address 10.0.0.1) and, with NODE_RANK=1, on machine 1:
-#   COORDINATOR=10.0.0.1:8476 NUM_NODES=2 NODE_RANK=0 scripts/multinode.sh \
+#   COORDINATOR=10.0.0.1:8476 NUM_NODES=2 NODE_RANK=0 launch/multinode.sh \
 #       --config=configs/sd15.py --workdir=/shared/runs/sd15 ...
 #
 # Arguments go to `python -m dpo_jax.train` (DPO_JAX_MODULE=dpo_jax.data.cache to build a
