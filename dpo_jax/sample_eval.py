@@ -127,7 +127,8 @@ def make_sample_eval(
   grid_prompts, seeds = sample.prompt_seed_grid(prompts, se.images_per_prompt, se.seed)
   specs = scorers_lib.parse_scorer_specs(se.scorers) if se.scorers else {}
   if pipeline is None:
-    pipeline = loader.load_pipeline(config.pretrained_path, unet_weights=False)
+    variant = config.get("pretrained_variant", "") or None
+    pipeline = loader.load_pipeline(config.pretrained_path, unet_weights=False, variant=variant)
   return SampleEval(
     pipeline=dataclasses.replace(pipeline, unet_params=None),
     prompts=grid_prompts,

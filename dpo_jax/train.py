@@ -77,6 +77,9 @@ def main(argv: list[str]) -> None:
       result["train"].get("implicit_acc"),
       result["eval"],
     )
+  if result.get("preempted"):
+    logging.info("Preempted after saving; rerun the same command to resume.")
+    return
   if toy and jax.process_index() == 0:
     toy_run.before_after(config, result["state"].params)
 

@@ -43,7 +43,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from dpo_jax import checkpoint, metrics, optim, preemption, sample_eval, sharding
+from dpo_jax import checkpoint, metrics, optim, preemption, preflight, sample_eval, sharding
 from dpo_jax import step as step_lib
 from dpo_jax.data import encode, sources
 from dpo_jax.models import build as build_lib
@@ -436,6 +436,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
      this invocation, "flops_per_step", "preempted": whether a SIGTERM /
      preemption notice ended the run early (after saving)}.
   """
+  # Inputs first (pipeline folder, data, cache): a wrong path is an error
+  # before the workdir, its config.json or any metric file exists.
+  preflight.preflight(config)
   with jax.debug_nans(bool(config.debug_nans)):
     run = setup(config, resolve_workdir(workdir))
     try:
