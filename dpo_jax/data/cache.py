@@ -51,8 +51,6 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from dpo_jax.data import encode, pipeline
-
 FORMAT = 2  # 1: .npz shards (not memory-mappable), no dtypes, no eval split.
 META = "meta.json"
 SHARD = "shard-{:05d}"
@@ -93,6 +91,8 @@ def write_shard(shard_dir: epath.Path, arrays: Mapping[str, np.ndarray]) -> None
 
 
 def _shard_examples(source, rows: Sequence[int], resolution: int, tokenize) -> dict[str, Any]:
+  from dpo_jax.data import pipeline
+
   examples = [
     pipeline.load_example(source, r, 0, 0, resolution, random_crop=False, flip="none") for r in rows
   ]
@@ -106,6 +106,8 @@ def _shard_examples(source, rows: Sequence[int], resolution: int, tokenize) -> d
 
 def _make_encoder(pipe, resolution: int, features, embedder) -> Callable[[Any, Any], Any]:
   """(frozen params, raw device batch) -> encoded batch, jitted (one compile per shape)."""
+  from dpo_jax.data import encode
+
   return jax.jit(lambda p, raw: encode.encode_batch(pipe, p, raw, resolution, features, embedder))
 
 
@@ -126,6 +128,8 @@ def encode_rows(
   shape) and the padding dropped; images are decoded per micro-batch too, so
   host and device memory are bounded by `encode_batch`, not the shard size.
   """
+  from dpo_jax.data import encode
+
   parts = []
   for start in range(0, len(rows), encode_batch):
     chunk = list(rows[start : start + encode_batch])
@@ -149,7 +153,7 @@ def write_cache(
   Returns:
     The number of train examples in the cache.
   """
-  from dpo_jax.data import pickapic, sources
+  from dpo_jax.data import encode, pickapic, sources
 
   if shard_size < 1 or encode_batch < 1:
     raise ValueError(f"shard_size={shard_size} and encode_batch={encode_batch} must be >= 1.")
@@ -404,6 +408,8 @@ def read_cache(
 
 def select_arrays(arrays: dict[str, Any], cache_dir: str, rpo_embedding: str) -> dict[str, Any]:
   """The cache arrays a run reads: the RPO features only for `rpo_embedding` ("" = none)."""
+  from dpo_jax.data import encode
+
   needed = encode.rpo_feature_keys(rpo_embedding) if rpo_embedding else ()
   missing = [k for k in needed if k not in arrays]
   if missing:
@@ -424,6 +430,8 @@ def to_step_batch(flat: dict[str, Any], rpo_embedding: str = "") -> dict[str, An
 
   rpo_embedding (objective "rpo"): adds `rpo_embeds` from the cached features.
   """
+  from dpo_jax.data import encode  # The encoders' modules, only for the writer and RPO.
+
   out = {k: flat[k] for k in ("latents_w", "latents_l", "context")}
   if "text_embeds" in flat:
     out["added_cond"] = {"text_embeds": flat["text_embeds"], "time_ids": flat["time_ids"]}
