@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import json
+import mmap
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -56,9 +57,11 @@ META = "meta.json"
 SHARD = "shard-{:05d}"
 SHARD_DONE = "shard.json"
 UNCOND = "uncond"
-# Open memory maps kept per array: each holds a file descriptor, and a full
-# Pick-a-Pic cache has thousands of shards.
-MAX_OPEN_SHARDS = 64
+# Open memory maps kept per array: each holds a file descriptor (a full
+# Pick-a-Pic cache has thousands of shards), and the kernel may map whole
+# cached file folios around a touched row, so the resident file pages of a
+# reader are bounded by about this many shards per array.
+MAX_OPEN_SHARDS = 16
 
 
 def _dtype_name(dtype: np.dtype) -> str:
@@ -325,6 +328,11 @@ class ShardedArray:
           f"{path}: shape {mm.shape}, dtype {mm.dtype}; the cache metadata says {shape}, "
           f"{self.dtype}. Rewrite this shard."
         )
+      if hasattr(mm, "_mmap") and hasattr(mmap, "MADV_RANDOM"):
+        # Rows are gathered in random order: without this the kernel reads
+        # ahead and maps neighbouring rows too, and the process's resident
+        # set grows towards the whole shard.
+        mm._mmap.madvise(mmap.MADV_RANDOM)
       part = mm.view(self.dtype)  # Still a memmap: bf16 bytes stored as "V2".
     else:
       part = _RemoteNpy(path, self.dtype, shape)
