@@ -190,9 +190,16 @@ def write_cache(
     num_shards = -(-n // shard_size)
     for k in range(jax.process_index(), num_shards, jax.process_count()):
       shard_dir = out_dir / split / SHARD.format(k)
-      if (shard_dir / SHARD_DONE).exists():
-        continue  # Written by an earlier (interrupted) run.
       rows = range(k * shard_size, min(n, (k + 1) * shard_size))
+      if (shard_dir / SHARD_DONE).exists():  # Written by an earlier (interrupted) run.
+        done = json.loads((shard_dir / SHARD_DONE).read_text())["rows"]
+        if done != len(rows):
+          raise ValueError(
+            f"{shard_dir} holds {done} rows, not {len(rows)}: {output} was written with "
+            "another --shard_size (or other data); resume with the same settings or write a "
+            "new cache."
+          )
+        continue
       arrays = encode_rows(source, rows, enc, frozen, encode_batch, res, tokenize, features)
       write_shard(shard_dir, arrays)
       logging.info(
