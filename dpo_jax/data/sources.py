@@ -80,19 +80,15 @@ def _cache(config: ml_collections.ConfigDict) -> Data:
   rpo = config.rpo.embedding if config.objective == "rpo" else ""
   arrays = cache.select_arrays(arrays, data.cache_dir, rpo)
   n_eval = data.eval_batch_size
+  num_rows = lambda a: len(next(iter(a.values())))  # noqa: E731
   if data.eval_split in info["splits"] and data.eval_split != "train":
-    held = cache.select_arrays(
-      cache.read_cache(data.cache_dir, data.eval_split)[0], data.cache_dir, rpo
-    )
-    if len(next(iter(held.values()))) < n_eval:
-      raise ValueError(
-        f"Cache split {data.eval_split!r} has {len(next(iter(held.values())))} examples < "
-        f"data.eval_batch_size={n_eval}; lower data.eval_batch_size."
-      )
+    held = cache.read_cache(data.cache_dir, data.eval_split)[0]
+    held = cache.select_arrays(held, data.cache_dir, rpo)
+    where = f"Cache split {data.eval_split!r}"
   elif data.eval_split == "train":
-    held = arrays  # Asked for: eval on (the first) training rows.
+    held, where = arrays, "The cache's train split"  # Asked for: eval on training rows.
   else:
-    n = len(next(iter(arrays.values())))
+    n = num_rows(arrays)
     logging.warning(
       "Cache %s has no %r split: holding out its last %d of %d train rows for eval "
       "(never trained on).",
@@ -101,8 +97,14 @@ def _cache(config: ml_collections.ConfigDict) -> Data:
       n_eval,
       n,
     )
-    held = {k: v.rows(n - n_eval, n) for k, v in arrays.items()}
-    arrays = {k: v.rows(0, n - n_eval) for k, v in arrays.items()}
+    held = {k: v.rows(max(n - n_eval, 0), n) for k, v in arrays.items()}
+    arrays = {k: v.rows(0, max(n - n_eval, 0)) for k, v in arrays.items()}
+    where = "The cache's train split"
+  if num_rows(held) < n_eval:
+    raise ValueError(
+      f"{where} has {num_rows(held)} examples < data.eval_batch_size={n_eval}; lower "
+      "data.eval_batch_size."
+    )
   it = synthetic.ArrayPairIterator(
     arrays,
     data.global_batch_size,
