@@ -336,9 +336,8 @@ class ShardedArray:
           f"{self.dtype}. Rewrite this shard."
         )
       if hasattr(mm, "_mmap") and hasattr(mmap, "MADV_RANDOM"):
-        # Rows are gathered in random order: without this the kernel reads
-        # ahead and maps neighbouring rows too, and the process's resident
-        # set grows towards the whole shard.
+        # Rows are gathered in random order: no readahead of the neighbouring
+        # rows (which this process does not feed) from disk or network storage.
         mm._mmap.madvise(mmap.MADV_RANDOM)
       part = mm.view(self.dtype)  # Still a memmap: bf16 bytes stored as "V2".
     else:
