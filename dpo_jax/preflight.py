@@ -265,13 +265,24 @@ def check_parquet_dir(path: str, field: str = "config.data.path") -> None:
     raise UserInputError(f"{field}={path} has no *.parquet files; expected {what}.{hint}")
 
 
+# `dpo_jax.data.cache.META`, repeated so that preflight imports no JAX.
+CACHE_META = "meta.json"
+
+
 def check_cache_dir(path: str) -> None:
-  """Raises UserInputError unless `path` holds a latent cache (`meta.npz`)."""
-  if not (epath.Path(path) / "meta.npz").exists():
+  """Raises UserInputError unless `path` holds a latent cache (`meta.json`)."""
+  root = epath.Path(path)
+  if (root / CACHE_META).exists():
+    return
+  write = f"`python -m dpo_jax.data.cache --config=... --output={path}`"
+  if (root / "meta.npz").exists():
     raise UserInputError(
-      f"config.data.cache_dir={path} has no meta.npz: write the cache first with "
-      f"`python -m dpo_jax.data.cache --config=... --output={path}`."
+      f"config.data.cache_dir={path} is a cache of an older dpo_jax (.npz shards, which "
+      f"cannot be memory-mapped and lose bf16): rewrite it with {write}."
     )
+  raise UserInputError(
+    f"config.data.cache_dir={path} has no {CACHE_META}: write the cache first with {write}."
+  )
 
 
 def _missing_inputs(config: ml_collections.ConfigDict, source: str) -> list[str]:

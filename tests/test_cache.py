@@ -1,4 +1,5 @@
-"""Latent cache: resumable writing, equality with the raw-image path, training from it.
+"""Latent cache: resumable writing in bounded micro-batches, a held-out eval
+split, equality with the raw-image path, training from it (bf16 and gs:// too).
 
 The cache is written with a tiny CLIP folder as `rpo.clip_path`, so it also
 holds Diffusion-RPO's frozen features, and the training run is an RPO run.
@@ -9,6 +10,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -18,7 +20,26 @@ from dpo_jax.data import cache, encode, pickapic, pipeline, sources
 from dpo_jax.models import build as build_lib
 from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline
 from tests.fixtures import good_rows, tiny_pipeline_train_config, write_parquet
+from tests.test_array_iterator import memory_gcs  # noqa: F401  (a fixture)
 from tests.test_scorers import write_tiny_clip
+
+ENCODE_BATCH = 3
+
+
+def _counting_encoder(calls):
+  """Wraps `cache._make_encoder` to record the rows of every encoder call."""
+  make = cache._make_encoder
+
+  def make_counting(*args):
+    enc = make(*args)
+
+    def counted(frozen, raw):
+      calls.append(len(raw["pixels_w"]))
+      return enc(frozen, raw)
+
+    return counted
+
+  return make_counting
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +49,9 @@ def world(tmp_path_factory):
   parquet = root / "parquet"
   parquet.mkdir()
   write_parquet(str(parquet / "train-00000-of-00001.parquet"), good_rows(20)[0])
+  write_parquet(
+    str(parquet / "validation_unique-00000-of-00001.parquet"), good_rows(8, first_id=5000)[0]
+  )
   config = tiny_pipeline_train_config("sd15", pipe, str(parquet))
   config.data.random_crop = False
   config.data.flip = "none"
@@ -35,32 +59,69 @@ def world(tmp_path_factory):
   config.rpo.clip_path = write_tiny_clip(str(root / "clip"))
   models = build_lib.build_models(config, with_encoders=True)
   cache_dir = str(root / "latents")
-  n = cache.write_cache(config, models, cache_dir, shard_size=8)
-  return config, models, cache_dir, n
+  calls = []
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(cache, "_make_encoder", _counting_encoder(calls))
+    n = cache.write_cache(config, models, cache_dir, shard_size=8, encode_batch=ENCODE_BATCH)
+  return config, models, cache_dir, n, calls
 
 
-def test_cache_is_complete_and_resumable(world):
-  config, models, cache_dir, n = world
+def test_cache_is_complete_resumable_and_encoded_in_micro_batches(world):
+  config, models, cache_dir, n, calls = world
   assert n == 20
-  shards = sorted(f for f in os.listdir(cache_dir) if f.startswith("shard-"))
-  assert shards == ["shard-00000.npz", "shard-00001.npz", "shard-00002.npz"]
-  before = {f: np.load(os.path.join(cache_dir, f))["latents_w"] for f in shards}
-  mtimes = {f: os.path.getmtime(os.path.join(cache_dir, f)) for f in shards}
-  os.remove(os.path.join(cache_dir, "shard-00001.npz"))
+  # Shards of 8, 8, 4 train and 8 validation rows, 3 pairs per encoder call
+  # (the last call of a shard padded): never a whole shard in one call.
+  assert calls == [ENCODE_BATCH] * (3 + 3 + 2 + 3)
+  train = os.path.join(cache_dir, "train")
+  shards = sorted(os.listdir(train))
+  assert shards == ["shard-00000", "shard-00001", "shard-00002"]
+  npy = lambda k, key="latents_w": os.path.join(train, shards[k], f"{key}.npy")  # noqa: E731
+  before = [np.load(npy(k)) for k in range(3)]
+  mtime = os.path.getmtime(npy(0))
+  os.remove(os.path.join(train, "shard-00001", cache.SHARD_DONE))  # As if interrupted.
   with pytest.raises(FileNotFoundError, match="incomplete"):
     cache.read_cache(cache_dir)
-  cache.write_cache(config, models, cache_dir, shard_size=8)
-  for f in shards:
-    np.testing.assert_array_equal(np.load(os.path.join(cache_dir, f))["latents_w"], before[f])
-  # Only the missing shard was recomputed.
-  assert os.path.getmtime(os.path.join(cache_dir, "shard-00000.npz")) == mtimes["shard-00000.npz"]
+  cache.write_cache(config, models, cache_dir, shard_size=8, encode_batch=ENCODE_BATCH)
+  for k in range(3):
+    np.testing.assert_array_equal(np.load(npy(k)), before[k])
+  assert os.path.getmtime(npy(0)) == mtime  # Only the incomplete shard was recomputed.
   arrays, uncond, info = cache.read_cache(cache_dir)
   assert len(arrays["latents_w"]) == 20 and info["kind"] == "sd15"
+  assert info["splits"] == {"train": 20, "validation_unique": 8}
   assert uncond["context"].shape == arrays["context"].shape[1:]
+  # The eval split holds the validation rows, none of the train rows.
+  val_ids = np.load(os.path.join(cache_dir, "validation_unique", "shard-00000", "example_id.npy"))
+  train_ids = np.concatenate([np.load(npy(k, "example_id")) for k in range(3)])
+  np.testing.assert_array_equal(val_ids, np.arange(5000, 5008))
+  np.testing.assert_array_equal(train_ids, np.arange(1000, 1020))
+
+
+def test_training_data_never_evaluates_on_training_rows(world):
+  config, _, cache_dir, _, _ = world
+  config = config.copy_and_resolve_references()
+  config.data.source, config.data.cache_dir = "cache", cache_dir
+  data = sources.make_data(config, None, "")
+  val, _, _ = cache.read_cache(cache_dir, "validation_unique")
+  for k in ("latents_w", "context"):
+    np.testing.assert_array_equal(data.eval_batch[k], val[k][np.arange(8)])
+  assert data.train.get_state()["num_examples"] == 20
+  # No such split cached: the last 8 train rows are held out of training.
+  config.data.eval_split = "test_unique"
+  config.data.global_batch_size = 4
+  data = sources.make_data(config, None, "")
+  train, _, _ = cache.read_cache(cache_dir)
+  held = train["context"][np.arange(12, 20)]
+  np.testing.assert_array_equal(data.eval_batch["context"], held)
+  assert data.train.get_state()["num_examples"] == 12
+  # Two epochs of training rows: all 12 first rows (distinct captions), no held-out one.
+  trained = np.concatenate([next(data.train)["context"] for _ in range(6)])
+  same = (trained.reshape(24, 1, -1) == train["context"][np.arange(20)].reshape(1, 20, -1)).all(-1)
+  assert (same.sum(1) == 1).all()  # Each trained row is exactly one cached row...
+  np.testing.assert_array_equal(np.unique(same.argmax(1)), np.arange(12))  # ... of rows 0-11.
 
 
 def test_cache_and_raw_images_give_the_same_loss(world):
-  config, models, cache_dir, _ = world
+  config, models, cache_dir, _, _ = world
   pipe = models.pipeline
   built = pickapic.build_pickapic(config.data.path, config.data.tfds_dir).data_dir
   source = pickapic.open_split(built, "train")
@@ -84,7 +145,7 @@ def test_cache_and_raw_images_give_the_same_loss(world):
   from_cache = cache.to_step_batch(flat)
   assert set(from_cache) == {"latents_w", "latents_l", "context"}
 
-  # The encoders saw batches of 8 (cache) and 4 (here): equal up to float
+  # The encoders saw batches of 3 (cache) and 4 (here): equal up to float
   # reassociation in XLA's batched kernels.
   for k in ("latents_w", "latents_l", "context"):
     np.testing.assert_allclose(from_raw[k], from_cache[k], rtol=1e-5, atol=1e-5)
@@ -116,7 +177,7 @@ def test_cache_and_raw_images_give_the_same_loss(world):
 
 
 def test_cache_without_rpo_features_is_refused_by_name(world):
-  _, _, cache_dir, _ = world
+  _, _, cache_dir, _, _ = world
   arrays, _, _ = cache.read_cache(cache_dir)
   assert set(cache.select_arrays(arrays, cache_dir, "")).isdisjoint(encode.RPO_FEATURE_KEYS)
   assert "rpo_image_w" not in cache.select_arrays(arrays, cache_dir, "text")
@@ -126,11 +187,40 @@ def test_cache_without_rpo_features_is_refused_by_name(world):
     cache.select_arrays(no_clip, cache_dir, "text+image")
 
 
-def test_rpo_training_from_cache_loads_no_encoders(world, tmp_path):
-  config, _, cache_dir, _ = world
+def test_bf16_cache_on_gs_trains_rpo_without_encoders(world, memory_gcs, tmp_path):  # noqa: F811
+  """The shipped configs compute in bf16: the cache keeps bf16 (not raw bytes), also on
+  gs://, and an RPO run trains from it without loading an encoder."""
+  config, _, _, _, _ = world
   config = config.copy_and_resolve_references()
-  config.data.source = "cache"
-  config.data.cache_dir = cache_dir
+  config.precision.compute_dtype = "bfloat16"
+  models = build_lib.build_models(config, with_encoders=True)
+  gs_dir = "gs://bucket/bf16_cache"
+  cache.write_cache(config, models, gs_dir, shard_size=16, encode_batch=8)
+  assert memory_gcs.exists(f"{gs_dir}/train/shard-00001/latents_w.npy")
+  arrays, uncond, _ = cache.read_cache(gs_dir)
+  for k in ("latents_w", "latents_l", "context"):
+    assert arrays[k].dtype == ml_dtypes.bfloat16, k
+  assert uncond["context"].dtype == ml_dtypes.bfloat16
+  # The stored values are the bf16 encoder's outputs for those rows.
+  built = pickapic.build_pickapic(config.data.path, config.data.tfds_dir).data_dir
+  source = pickapic.open_split(built, "train")
+  pipe, rows = models.pipeline, np.arange(8)
+  examples = [
+    pipeline.load_example(source, r, 0, 0, 32, random_crop=False, flip="none") for r in rows
+  ]
+  raw = {k: np.stack([e[k] for e in examples]) for k in ("pixels_w", "pixels_l")}
+  raw["input_ids"] = encode.make_tokenize_fn(pipe)([e["caption"] for e in examples])
+  want = jax.jit(lambda p, r: encode.encode_batch(pipe, p, r, 32))(encode.frozen_params(pipe), raw)
+  for k in ("latents_w", "latents_l", "context"):
+    assert want[k].dtype == jnp.bfloat16
+    got = arrays[k][rows].astype(np.float32)
+    np.testing.assert_allclose(got, np.asarray(want[k], np.float32), rtol=2e-2, atol=2e-2)
+    assert np.abs(got).max() > 0.05  # Not zeros.
+
+  config.data.source, config.data.cache_dir = "cache", gs_dir
+  # The bf16 arrays feed a float32 step: bf16 convolutions are slow on CPU,
+  # and what failed (raw "V2" bytes reaching JAX) is the same either way.
+  config.precision.compute_dtype = "float32"
   config.objective = "rpo"
   config.rpo.embedding = "text+image"
   config.rpo.clip_path = ""  # The cache already holds the image features.

@@ -199,7 +199,7 @@ def test_encoder_weights_are_checked_only_when_the_run_loads_them(tmp_path, parq
     preflight.preflight(_sd15_config(pipe, parquet_dir))
   cache = tmp_path / "cache"
   cache.mkdir()
-  (cache / "meta.npz").write_bytes(b"")
+  (cache / "meta.json").write_text("{}")
   # A latent-cache run reads only the UNet (build_models(with_encoders=False)).
   c = _sd15_config(pipe, "")
   c.data.source, c.data.cache_dir = "cache", str(cache)
@@ -227,7 +227,10 @@ def test_data_inputs(tmp_path, parquet_dir):
   c = tiny.get_config()
   c.unlock()
   c.data.source, c.data.cache_dir = "cache", str(tmp_path)
-  with pytest.raises(preflight.UserInputError, match="no meta.npz.*python -m dpo_jax.data.cache"):
+  with pytest.raises(preflight.UserInputError, match="no meta.json.*python -m dpo_jax.data.cache"):
+    preflight.preflight(c)
+  (tmp_path / "meta.npz").write_bytes(b"")  # A cache of an older dpo_jax.
+  with pytest.raises(preflight.UserInputError, match="older dpo_jax.*rewrite it"):
     preflight.preflight(c)
   c.data.source = "pickapik"
   with pytest.raises(preflight.UserInputError, match="did you mean 'pickapic'"):
@@ -242,3 +245,9 @@ def test_closest_fields():
   assert preflight.closest_fields("seeds", fields) == ["seed", "sample_eval.seed"]
   assert preflight.closest_fields("mesh.fspd", fields) == ["mesh.fsdp"]
   assert preflight.closest_fields("qqq", fields) == []
+
+
+def test_preflight_knows_the_cache_layout():
+  from dpo_jax.data import cache
+
+  assert preflight.CACHE_META == cache.META

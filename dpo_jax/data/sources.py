@@ -71,15 +71,50 @@ def make_data(config: ml_collections.ConfigDict, models: Models, workdir: str) -
 
 
 def _cache(config: ml_collections.ConfigDict) -> Data:
-  """Latents and text embeddings precomputed by `python -m dpo_jax.data.cache`."""
+  """Latents and text embeddings precomputed by `python -m dpo_jax.data.cache`.
+
+  Eval reads the cache's `data.eval_split`. A cache without one (the parquet
+  folder had none) holds out its last `eval_batch_size` train rows for eval
+  and never trains on them; `data.eval_split='train'` evaluates on training
+  rows, as asked.
+  """
   from dpo_jax.data import cache
 
-  if not config.data.cache_dir:
+  data = config.data
+  if not data.cache_dir:
     raise ValueError("data.source='cache' needs config.data.cache_dir.")
-  arrays, uncond, info = cache.read_cache(config.data.cache_dir)
-  logging.info("Latent cache %s: %s", config.data.cache_dir, info)
+  arrays, uncond, info = cache.read_cache(data.cache_dir)
+  logging.info(
+    "Latent cache %s: %s", data.cache_dir, {k: v for k, v in info.items() if k != "arrays"}
+  )
   rpo = config.rpo.embedding if config.objective == "rpo" else ""
-  arrays = cache.select_arrays(arrays, config.data.cache_dir, rpo)
+  arrays = cache.select_arrays(arrays, data.cache_dir, rpo)
+  n_eval = data.eval_batch_size
+  num_rows = lambda a: len(next(iter(a.values())))  # noqa: E731
+  if data.eval_split in info["splits"] and data.eval_split != "train":
+    held = cache.read_cache(data.cache_dir, data.eval_split)[0]
+    held = cache.select_arrays(held, data.cache_dir, rpo)
+    where = f"Cache split {data.eval_split!r}"
+  elif data.eval_split == "train":
+    held, where = arrays, "The cache's train split"  # Asked for: eval on training rows.
+  else:
+    n = num_rows(arrays)
+    logging.warning(
+      "Cache %s has no %r split: holding out its last %d of %d train rows for eval "
+      "(never trained on).",
+      data.cache_dir,
+      data.eval_split,
+      n_eval,
+      n,
+    )
+    held = {k: v.rows(max(n - n_eval, 0), n) for k, v in arrays.items()}
+    arrays = {k: v.rows(0, max(n - n_eval, 0)) for k, v in arrays.items()}
+    where = "The cache's train split"
+  if num_rows(held) < n_eval:
+    raise ValueError(
+      f"{where} has {num_rows(held)} examples < data.eval_batch_size={n_eval}; lower "
+      "data.eval_batch_size."
+    )
   it = synthetic.ArrayPairIterator(
     arrays,
     micro_batch_size(config),
@@ -87,10 +122,10 @@ def _cache(config: ml_collections.ConfigDict) -> Data:
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  # A fixed eval batch: the first examples of the cache (the cache holds the
-  # train split; no held-out split is cached yet).
-  n_eval = config.data.eval_batch_size
-  eval_batch = _local_rows({k: v[np.arange(n_eval)] for k, v in arrays.items()})
+  # A fixed eval batch: this process's block of the split's first rows.
+  pi, pc = jax.process_index(), jax.process_count()
+  local = np.arange(pi * n_eval // pc, (pi + 1) * n_eval // pc)
+  eval_batch = {k: v[local] for k, v in held.items()}
   return Data(
     train=it,
     eval_batch=eval_batch,
