@@ -40,33 +40,14 @@ from dpo_jax import sample, sampler, sharding  # noqa: E402
 from dpo_jax.data import encode  # noqa: E402
 from dpo_jax.models import conditioning, loader  # noqa: E402
 from dpo_jax.models import unet as unet_lib  # noqa: E402
+from dpo_jax.models import architectures  # noqa: E402
 from dpo_jax.models.architectures import SD15_UNET  # noqa: E402
 from dpo_jax.tools import make_tiny_pipeline  # noqa: E402
 from dpo_jax.toy import base as toy_base  # noqa: E402
 
 # The published `vae/config.json` and `text_encoder/config.json` of SD1.5.
-SD15_VAE: dict[str, Any] = {
-  "in_channels": 3,
-  "out_channels": 3,
-  "down_block_types": ("DownEncoderBlock2D",) * 4,
-  "up_block_types": ("UpDecoderBlock2D",) * 4,
-  "block_out_channels": (128, 256, 512, 512),
-  "layers_per_block": 2,
-  "latent_channels": 4,
-  "norm_num_groups": 32,
-  "sample_size": 512,
-  "scaling_factor": 0.18215,
-}
-SD15_TEXT: dict[str, Any] = {
-  "vocab_size": 49408,
-  "hidden_size": 768,
-  "intermediate_size": 3072,
-  "projection_dim": 768,
-  "num_hidden_layers": 12,
-  "num_attention_heads": 12,
-  "max_position_embeddings": 77,
-  "hidden_act": "quick_gelu",
-}
+SD15_VAE: dict[str, Any] = dict(architectures.SD_VAE, scaling_factor=0.18215)
+SD15_TEXT: dict[str, Any] = architectures.CLIP_L_TEXT
 
 
 def lowered_flops(lowered) -> float:
