@@ -38,9 +38,8 @@ import numpy as np  # noqa: E402
 from benchmarks import results_io  # noqa: E402
 from dpo_jax import sample, sampler, sharding  # noqa: E402
 from dpo_jax.data import encode  # noqa: E402
-from dpo_jax.models import conditioning, loader  # noqa: E402
+from dpo_jax.models import architectures, conditioning, loader  # noqa: E402
 from dpo_jax.models import unet as unet_lib  # noqa: E402
-from dpo_jax.models import architectures  # noqa: E402
 from dpo_jax.models.architectures import SD15_UNET  # noqa: E402
 from dpo_jax.tools import make_tiny_pipeline  # noqa: E402
 from dpo_jax.toy import base as toy_base  # noqa: E402
