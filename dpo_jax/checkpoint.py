@@ -35,16 +35,18 @@ class CheckpointSaveError(RuntimeError):
 class CheckpointManager(ocp.CheckpointManager):
   """orbax's manager, but a failed async save raises instead of leaving a gap.
 
-  orbax logs the error of a background save and skips that step's
-  finalisation, so a run could end with steps silently missing. Here every
-  `wait_until_finished` (which orbax's `save` calls before starting the next
-  save, and `close` at exit) checks that the last started step was committed:
-  a failed save raises `CheckpointSaveError` within one save interval.
+  orbax raises a background save's error only from some paths; others
+  (`_finalize_checkpoint`) log it and skip the step, so a run could end with
+  a step silently missing. Here every `wait_until_finished` (which orbax's
+  `save` calls before it starts the next save, and `close` at exit) also
+  checks that the last started step was committed: a failed save raises
+  `CheckpointSaveError`, naming the step, within one save interval. The
+  trainer's `manager.wait_until_finished(); manager.close()` at exit checks
+  the last save.
   """
 
-  def __init__(self, *args, **kwargs):
-    super().__init__(*args, **kwargs)
-    self._unverified_step: int | None = None
+  # The newest started save whose commit is not yet checked.
+  _unverified_step: int | None = None
 
   def save(self, step: int, *args, **kwargs) -> bool:
     started = super().save(step, *args, **kwargs)
