@@ -111,6 +111,7 @@ def test_truncated_latest_is_moved_aside_and_previous_restored(tmp_path, caplog)
   (warning,) = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
   # The cause, short: no kilobytes of TensorStore spec.
   assert warning.startswith("Checkpoint step 4 in") and "is unreadable (ValueError: " in warning
+  assert "moved it to corrupt-4-" in warning
   assert "tensorstore_spec" not in warning and len(warning) < 600
 
 
