@@ -116,3 +116,19 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_p
   names = os.listdir(os.path.join(workdir, "checkpoints"))
   assert any(n.startswith("corrupt-8-") for n in names)
   assert_trees_close(load_params(workdir, 8), load_params(ref_dir, 8), rtol=1e-6, atol=1e-7)
+
+
+def test_changed_optimizer_is_refused_by_name(uninterrupted, tmp_path):
+  """A resume with another optimizer names the differing state keys and moves nothing aside."""
+  import shutil
+
+  from dpo_jax import checkpoint
+
+  workdir = str(tmp_path / "changed")
+  shutil.copytree(uninterrupted[0], workdir)
+  config = make_train_config(**{"optim.name": "adafactor", "max_steps": 12})
+  with pytest.raises(checkpoint.CheckpointMismatchError) as err:
+    trainer.train_and_evaluate(config, workdir)
+  msg = str(err.value)
+  assert "Checkpoint step 8" in msg and "train_state/opt_state/" in msg and '"name": "adamw"' in msg
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6", "8"]
