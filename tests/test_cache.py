@@ -114,7 +114,9 @@ def test_training_data_never_evaluates_on_training_rows(world):
   np.testing.assert_array_equal(data.eval_batch["context"], held)
   assert data.train.get_state()["num_examples"] == 12
   # Two epochs of training rows: all 12 first rows (distinct captions), no held-out one.
-  trained = np.concatenate([next(data.train)["context"] for _ in range(6)])
+  # The iterator yields micro-batches (global_batch_size / grad_accum pairs).
+  micro = sources.micro_batch_size(config)
+  trained = np.concatenate([next(data.train)["context"] for _ in range(24 // micro)])
   same = (trained.reshape(24, 1, -1) == train["context"][np.arange(20)].reshape(1, 20, -1)).all(-1)
   assert (same.sum(1) == 1).all()  # Each trained row is exactly one cached row...
   np.testing.assert_array_equal(np.unique(same.argmax(1)), np.arange(12))  # ... of rows 0-11.
