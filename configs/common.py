@@ -71,7 +71,16 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.precision = ml_collections.ConfigDict()
   c.precision.compute_dtype = "float32"  # UNet activations: float32 | bfloat16.
-  c.precision.ref_dtype = "float32"  # Frozen reference params.
+  # Frozen reference params: float32 or compute_dtype (a lower precision than
+  # the policy's would make their MSEs differ at step 0; rejected).
+  c.precision.ref_dtype = "float32"
+  # How policy and reference forwards are computed (step.REFERENCE_FORWARDS):
+  # "matched" evaluates both in one compiled loop body (step.matched_mses), so
+  # equal weights give bit-identical MSEs, as beta 5000 needs in bf16; it keeps
+  # the reference's backward residuals too (no extra FLOPs). "separate" traces
+  # them apart (XLA rounds them differently in bf16). "auto": matched unless
+  # compute_dtype is float32.
+  c.precision.reference_forward = "auto"
 
   c.model = ml_collections.ConfigDict()
   c.model.sample_size = 16

@@ -18,11 +18,19 @@ def pair_metrics(
   policy_mse_l: chex.Array,
   ref_mse_w: chex.Array,
   ref_mse_l: chex.Array,
+  logits: chex.Array | None = None,
 ) -> dict[str, chex.Array]:
-  """Per-pair DPO diagnostics: implicit accuracy / margin of the logits and the mean MSEs."""
+  """Per-pair DPO diagnostics: implicit accuracy / margin of the logits and the mean MSEs.
+
+  `max_abs_logit` is the largest |logit| (of `logits`, default `inside`): exactly
+  0 while the policy equals the reference, which the trainer checks at step 0
+  (`step.check_reference_match`).
+  """
+  logits = inside if logits is None else logits
   return {
     "implicit_acc": jnp.mean((inside > 0).astype(jnp.float32)),
     "reward_margin": jnp.mean(inside),
+    "max_abs_logit": jnp.max(jnp.abs(logits)),
     "model_mse_w": jnp.mean(policy_mse_w),
     "model_mse_l": jnp.mean(policy_mse_l),
     "ref_mse_w": jnp.mean(ref_mse_w),
@@ -54,7 +62,7 @@ def dpo_loss(
   Returns:
     (loss, metrics): scalar batch-mean loss and scalar metrics
     `implicit_acc` (fraction with inside > 0), `reward_margin` (mean inside),
-    `model_mse_w/l`, `ref_mse_w/l` (batch means).
+    `max_abs_logit` (max |inside|), `model_mse_w/l`, `ref_mse_w/l` (batch means).
   """
   chex.assert_rank([policy_mse_w, policy_mse_l, ref_mse_w, ref_mse_l], 1)
   chex.assert_equal_shape([policy_mse_w, policy_mse_l, ref_mse_w, ref_mse_l])
@@ -169,7 +177,8 @@ def rpo_loss(
   Returns:
     (loss, metrics): scalar loss and scalar metrics `implicit_acc` (fraction
     of pairs with diagonal logit > 0, i.e. `dpo_loss`'s definition),
-    `reward_margin` (mean diagonal logit), `model_mse_w/l`, `ref_mse_w/l`,
+    `reward_margin` (mean diagonal logit), `max_abs_logit` (max |logits_ij|
+    over all i, j, unweighted), `model_mse_w/l`, `ref_mse_w/l`,
     `rpo_offdiag_weight` (mean w_ij over i != j; 0 when B == 1) and
     `rpo_neighbours` (mean over rows of 1 / sum_j w_ij^2: the effective number
     of pairs a winner is contrasted with, itself included; 1 = plain DPO).
@@ -189,7 +198,7 @@ def rpo_loss(
   inside = jnp.diagonal(logits)
   off_diag = 1.0 - jnp.eye(b, dtype=weights.dtype)
   metrics = {
-    **pair_metrics(inside, policy_mse_w, policy_mse_l, ref_mse_w, ref_mse_l),
+    **pair_metrics(inside, policy_mse_w, policy_mse_l, ref_mse_w, ref_mse_l, logits),
     "rpo_offdiag_weight": jnp.sum(weights * off_diag) / max(b * (b - 1), 1),
     "rpo_neighbours": jnp.mean(1.0 / jnp.sum(weights**2, axis=-1)),
   }

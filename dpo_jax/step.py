@@ -34,6 +34,8 @@ Metrics = dict[str, jax.Array]
 OBJECTIVES = ("dpo", "sft", "rpo")
 # What the data side embeds with frozen CLIP for `batch["rpo_embeds"]` (config.rpo.embedding).
 RPO_EMBEDDINGS = ("text", "image", "text+image")
+# config.precision.reference_forward: "auto" = "matched" unless compute is float32.
+REFERENCE_FORWARDS = ("matched", "separate")
 
 
 @flax.struct.dataclass
@@ -80,6 +82,13 @@ class StepSpec:
   compute_param_dtype: Any = None
   # Diffusion-RPO distance temperature (objective "rpo" only).
   rpo_tau: float = 0.5
+  # How the policy and reference forwards are computed (`REFERENCE_FORWARDS`):
+  # "matched" runs both through one compiled loop body (`matched_mses`), so
+  # equal weights give bit-identical MSEs; "separate" traces them separately.
+  reference_forward: str = "matched"
+  # Stored dtype of the reference params (config.precision.ref_dtype); only
+  # named in `check_reference_match`'s error.
+  ref_dtype: Any = None
 
   def __post_init__(self):
     if self.objective == "rpo":
@@ -97,6 +106,10 @@ class StepSpec:
         )
       if not self.rpo_tau > 0:
         raise ValueError(f"rpo_tau must be > 0, got {self.rpo_tau}.")
+    if self.reference_forward not in REFERENCE_FORWARDS:
+      raise ValueError(
+        f"reference_forward={self.reference_forward!r}; expected one of {REFERENCE_FORWARDS}."
+      )
 
 
 def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
@@ -108,23 +121,15 @@ def _interleave(x: jax.Array) -> jax.Array:
   return jnp.repeat(x, 2, axis=0)
 
 
-def pair_mses(
-  spec: StepSpec,
-  params: Any,
-  batch: Batch,
-  noise: jax.Array,
-  timesteps: jax.Array,
-  with_loser: bool = True,
-) -> tuple[jax.Array, jax.Array | None]:
-  """Per-pair UNet MSEs on winner and loser under the *same* noise and timestep.
+def _pair_inputs(
+  spec: StepSpec, batch: Batch, noise: jax.Array, timesteps: jax.Array, with_loser: bool = True
+) -> tuple[jax.Array, ...]:
+  """UNet inputs and regression target of the pairs: (noisy, t, context, added, target).
 
   Winner and loser are interleaved (w0, l0, w1, l1, ...) rather than
   concatenated so that one forward pass covers both while every device keeps
   the rows of its own pairs: concatenating along the sharded batch axis would
-  move half the batch across devices.
-
-  Returns:
-    (mse_w [B], mse_l [B]) or (mse_w, None) when `with_loser` is False.
+  move half the batch across devices. Rows: 2B with the loser, B without.
   """
   if with_loser:
     x0 = jnp.stack([batch["latents_w"], batch["latents_l"]], axis=1)
@@ -138,15 +143,103 @@ def pair_mses(
   target = diffusion.training_target(spec.schedule, spec.prediction_type, x0, eps, t)
   added = batch.get("added_cond")
   added = None if added is None else jax.tree.map(rep, added)
-  if spec.compute_param_dtype is not None:
-    # Differentiable cast: gradients still reach the fp32 master weights.
-    params = jax.tree.map(lambda p: p.astype(spec.compute_param_dtype), params)
-  pred = spec.apply_fn(params, noisy, t, rep(batch["context"]), added)
-  mse = diffusion.per_sample_mse(pred, target)
-  if not with_loser:
-    return mse, None
+  return noisy, t, rep(batch["context"]), added, target
+
+
+def _cast_params(spec: StepSpec, params: Any) -> Any:
+  """Weights as the forward uses them (`spec.compute_param_dtype`); a differentiable cast."""
+  if spec.compute_param_dtype is None:
+    return params
+  return jax.tree.map(lambda p: p.astype(spec.compute_param_dtype), params)
+
+
+def _row_mses(spec: StepSpec, params: Any, inputs: tuple[jax.Array, ...]) -> jax.Array:
+  """[rows] per-sample MSEs of the UNet with (already cast) `params` on `_pair_inputs`."""
+  noisy, t, context, added, target = inputs
+  return diffusion.per_sample_mse(spec.apply_fn(params, noisy, t, context, added), target)
+
+
+def _split_pairs(mse: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """[2B] interleaved rows -> (winner [B], loser [B])."""
   mse = mse.reshape(-1, 2)
   return mse[:, 0], mse[:, 1]
+
+
+def pair_mses(
+  spec: StepSpec,
+  params: Any,
+  batch: Batch,
+  noise: jax.Array,
+  timesteps: jax.Array,
+  with_loser: bool = True,
+) -> tuple[jax.Array, jax.Array | None]:
+  """Per-pair UNet MSEs on winner and loser under the *same* noise and timestep.
+
+  One forward pass over the interleaved rows (see `_pair_inputs`).
+
+  Returns:
+    (mse_w [B], mse_l [B]) or (mse_w, None) when `with_loser` is False.
+  """
+  inputs = _pair_inputs(spec, batch, noise, timesteps, with_loser)
+  mse = _row_mses(spec, _cast_params(spec, params), inputs)
+  if not with_loser:
+    return mse, None
+  return _split_pairs(mse)
+
+
+def matched_mses(
+  spec: StepSpec, params: Any, ref_params: Any, batch: Batch, noise: jax.Array, t: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Policy and reference MSEs from *one* compiled forward: equal weights, equal bits.
+
+  Why: at beta = 5000 the DPO logit is 2500 x ((m_w - m_l) - (r_w - r_l)), so
+  the two forwards must round identically. Traced separately they do not in
+  bf16: the policy forward sits inside the differentiated function, where XLA
+  fuses it differently (it must also emit the backward's residuals) and keeps
+  excess f32 precision in other places than in the reference forward, so equal
+  weights gave MSE gaps of ~3e-3 and step-0 logits of std ~3. Neither
+  `xla_allow_excess_precision=false` nor remat alone fixed it on CPU, and both
+  together still left one-ulp gaps.
+
+  How: the loss *values* of both come from the two iterations of one
+  `lax.scan` whose body picks the weights (iteration 0: policy, 1: reference),
+  so one compiled loop body evaluates both, on any backend and whatever the
+  fusion or precision flags. The gradient flows through a separate,
+  differentiated policy forward added as `d - stop_gradient(d)` (exactly 0).
+  Cost: one extra forward-only policy pass (2 of ~8 forward-equivalents per
+  DPO pair, ~+25 % FLOPs; ~+20 % with remat "blocks"), no extra activation
+  memory (measured on CPU: same XLA temp size). XLA's cost analysis counts a
+  loop body once, so `lowered_flops` under-reports this step by one forward.
+  A variant that also took the backward residuals from the loop body (no extra
+  FLOPs) kept ~4.5x the temp memory and ran ~7x slower on CPU.
+
+  Args:
+    spec: the step spec (apply_fn, schedule, compute dtype).
+    params: policy params (differentiated).
+    ref_params: reference params (a constant: no gradient reaches them).
+    batch, noise, t: as `pair_mses`.
+
+  Returns:
+    (policy_w, policy_l, ref_w, ref_l), each [B].
+  """
+  inputs = _pair_inputs(spec, batch, noise, t)
+  pol = _cast_params(spec, params)
+  ref = _cast_params(spec, jax.tree.map(jax.lax.stop_gradient, ref_params))
+  ref = jax.tree.map(lambda r, p: r.astype(p.dtype), ref, pol)
+
+  # Forward-only values of both from one loop body (iteration 0: policy, 1:
+  # reference); the gradient comes from a separate differentiated policy
+  # forward, attached without changing the value (x + (d - sg(d)) == x).
+  def body(carry, i):
+    q = jax.tree.map(lambda a, b: jnp.where(i == 0, a, b), jax.lax.stop_gradient(pol), ref)
+    return carry, _row_mses(spec, q, inputs)
+
+  _, mses = jax.lax.scan(body, None, jnp.arange(2))
+  diff = _row_mses(spec, pol, inputs)
+  mses = mses.at[0].set(jax.lax.stop_gradient(mses[0]) + (diff - jax.lax.stop_gradient(diff)))
+  pol_w, pol_l = _split_pairs(mses[0])
+  ref_w, ref_l = _split_pairs(jax.lax.stop_gradient(mses[1]))
+  return pol_w, pol_l, ref_w, ref_l
 
 
 def rpo_similarity(embeds: jax.Array) -> jax.Array:
@@ -187,6 +280,8 @@ def _policy_and_ref_mses(
   spec: StepSpec, params: Any, ref_params: Any, batch: Batch, noise: jax.Array, t: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """(policy_w, policy_l, ref_w, ref_l) [B] MSEs, all under the same noise and timesteps."""
+  if spec.reference_forward == "matched":
+    return matched_mses(spec, params, ref_params, batch, noise, t)
   # The reference sees identical inputs; stop_gradient makes it a constant of
   # the loss even if someone passes the policy params as the reference.
   ref_w, ref_l = jax.tree.map(jax.lax.stop_gradient, pair_mses(spec, ref_params, batch, noise, t))
@@ -195,15 +290,24 @@ def _policy_and_ref_mses(
 
 
 def objective_loss(
-  spec: StepSpec, params: Any, ref_params: Any, batch: Batch, rng: chex.PRNGKey
+  spec: StepSpec,
+  params: Any,
+  ref_params: Any,
+  batch: Batch,
+  rng: chex.PRNGKey,
+  train: bool = True,
 ) -> tuple[jax.Array, Metrics]:
-  """The configured objective on one (micro-)batch.  -> (scalar loss, metrics)."""
+  """The configured objective on one (micro-)batch.  -> (scalar loss, metrics).
+
+  `train=False` (evaluation) never applies caption dropout: eval batches are
+  scored on their own captions.
+  """
   if spec.objective == "rpo" and "rpo_embeds" not in batch:
     raise KeyError(
       "objective 'rpo' needs batch['rpo_embeds'] ([B, D] frozen-CLIP pair embeddings); "
       f"the batch has only {sorted(batch)}."
     )
-  if spec.caption_dropout > 0:
+  if train and spec.caption_dropout > 0:
     if spec.uncond is None:
       raise ValueError("caption_dropout > 0 needs the empty-prompt conditioning (spec.uncond).")
     # A key derived from, not split off, `rng`: the noise stream stays the same
@@ -254,8 +358,13 @@ def loss_and_grads(
   def body(carry, xs):
     idx, mb = xs
     (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, idx))
-    acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
-    return acc, None
+    acc_loss, acc_metrics, acc_grads = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+    # Maxima (`max_*`) combine by max, not as a mean over micro-batches.
+    acc_metrics = {
+      k: jnp.maximum(carry[1][k], metrics[k]) if k.startswith("max_") else v
+      for k, v in acc_metrics.items()
+    }
+    return (acc_loss, acc_metrics, acc_grads), None
 
   zeros = jax.tree.map(
     jnp.zeros_like,
@@ -264,7 +373,28 @@ def loss_and_grads(
   zeros = (zeros[0][0], zeros[0][1], zeros[1])
   (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(spec.grad_accum), micro))
   inv = 1.0 / spec.grad_accum
-  return jax.tree.map(lambda x: x * inv, (loss, metrics, grads))
+  metrics = {k: v if k.startswith("max_") else v * inv for k, v in metrics.items()}
+  return loss * inv, metrics, jax.tree.map(lambda x: x * inv, grads)
+
+
+def schedule_count(state: TrainState) -> jax.Array:
+  """The count optax evaluates the learning-rate schedule at in this step's update.
+
+  That is the inner optimizer's `ScaleByScheduleState.count`: the number of
+  updates applied so far (`apply_if_finite` leaves the inner state untouched on
+  a skipped step, so skipped steps do not advance it). Without a schedule
+  state (a constant rate), the same number from the step and skip counters.
+  """
+  counts = [
+    s.count
+    for s in jax.tree.leaves(
+      state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)
+    )
+    if isinstance(s, optax.ScaleByScheduleState)
+  ]
+  if counts:
+    return counts[0]
+  return state.step - state.opt_state.total_notfinite
 
 
 def train_step(
@@ -283,6 +413,7 @@ def train_step(
     (new_state, metrics) with scalar metrics.
   """
   step_rng = jax.random.fold_in(rng, state.step)
+  lr = spec.lr_fn(schedule_count(state))
   loss, metrics, grads = loss_and_grads(spec, state.params, ref_params, batch, step_rng)
   # A non-finite loss with finite gradients must not slip through either.
   grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
@@ -290,12 +421,12 @@ def train_step(
   updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   skipped = jnp.logical_not(opt_state.last_finite)
-  applied_updates = state.step + 1 - opt_state.total_notfinite
   metrics = dict(
     metrics,
     loss=loss,
     grad_norm=grad_norm,
-    lr=spec.lr_fn(jnp.maximum(applied_updates - 1, 0)),
+    # The rate optax scaled this step's update by (discarded if `skipped`).
+    lr=lr,
     skipped=skipped.astype(jnp.float32),
     total_skipped=opt_state.total_notfinite,
     consecutive_skipped=opt_state.notfinite_count,
@@ -306,8 +437,8 @@ def train_step(
 def eval_step(
   params: Any, ref_params: Any, batch: Batch, rng: chex.PRNGKey, *, spec: StepSpec
 ) -> Metrics:
-  """Objective metrics on a fixed batch with fixed noise (no gradients)."""
-  loss, metrics = objective_loss(spec, params, ref_params, batch, rng)
+  """Objective metrics on a fixed batch with fixed noise (no gradients, no caption dropout)."""
+  loss, metrics = objective_loss(spec, params, ref_params, batch, rng, train=False)
   return dict(metrics, loss=loss)
 
 
@@ -329,6 +460,38 @@ def jit_eval_step(spec: StepSpec, param_shardings, ref_shardings, batch_sharding
   )
 
 
+def _precision_settings(config: ml_collections.ConfigDict) -> tuple[Any, Any, str]:
+  """(compute dtype, reference dtype, reference_forward) of `config.precision`, checked."""
+  prec = config.precision
+  dtypes = []
+  for field in ("compute_dtype", "ref_dtype"):
+    if prec[field] not in unet_lib.DTYPES:
+      raise ValueError(
+        f"config.precision.{field}={prec[field]!r}; expected one of {sorted(unet_lib.DTYPES)}."
+      )
+    dtypes.append(prec[field])
+  compute, ref = dtypes
+  if config.objective in ("dpo", "rpo") and ref not in ("float32", compute):
+    # The reference would run on weights rounded to `ref` while the policy runs
+    # on other ones: at step 0 (policy = reference) the logit is then beta x
+    # their MSE gap (spread ~1 at beta 5000 for fp32 compute, bf16 reference).
+    raise ValueError(
+      f"config.precision.ref_dtype={ref!r} with compute_dtype={compute!r}: the reference would "
+      f"run on {ref}-rounded weights and the policy on {compute} ones, so their MSEs differ "
+      "even at step 0 and beta turns the gap into noise. Set precision.ref_dtype to "
+      f"{compute!r} (or 'float32'), or compute_dtype to {ref!r}."
+    )
+  mode = prec.get("reference_forward", "auto")
+  if mode == "auto":
+    mode = "separate" if compute == "float32" else "matched"
+  if mode not in REFERENCE_FORWARDS:
+    raise ValueError(
+      f"config.precision.reference_forward={mode!r}; expected 'auto' or one of "
+      f"{REFERENCE_FORWARDS}."
+    )
+  return unet_lib.DTYPES[compute], unet_lib.DTYPES[ref], mode
+
+
 def build_step_spec(
   config: ml_collections.ConfigDict,
   apply_fn,
@@ -337,7 +500,14 @@ def build_step_spec(
   uncond: dict[str, Any] | None = None,
   scheduler_config: dict[str, Any] | None = None,
 ) -> StepSpec:
-  """The step's static description; `scheduler_config` defaults to `config.scheduler`."""
+  """The step's static description; `scheduler_config` defaults to `config.scheduler`.
+
+  Raises:
+    ValueError: for an unknown objective or RPO embedding, a batch that does
+      not split into `grad_accum` micro-batches, or precision settings under
+      which policy and reference cannot agree at step 0 (a reference stored in
+      a lower precision than the policy computes in).
+  """
   sched = dict(scheduler_config or config.scheduler.to_dict())
   if config.objective not in OBJECTIVES:
     raise ValueError(f"config.objective={config.objective!r}; expected one of {OBJECTIVES}.")
@@ -350,6 +520,7 @@ def build_step_spec(
       f"global_batch_size={config.data.global_batch_size} is not divisible by "
       f"grad_accum={config.optim.grad_accum}."
     )
+  compute, ref, reference_forward = _precision_settings(config)
   return StepSpec(
     apply_fn=apply_fn,
     tx=tx,
@@ -363,11 +534,57 @@ def build_step_spec(
     caption_dropout=float(config.data.caption_dropout),
     uncond=uncond,
     rpo_tau=float(config.rpo.tau),
-    compute_param_dtype=(
-      None
-      if config.precision.compute_dtype == "float32"
-      else unet_lib.parse_dtype(config.precision.compute_dtype)
-    ),
+    compute_param_dtype=None if compute == jnp.float32 else compute,
+    reference_forward=reference_forward,
+    ref_dtype=ref,
+  )
+
+
+# Largest |logit| `check_reference_match` accepts at step 0. Matched forwards
+# give exactly 0; float32 forwards traced separately differ by ~1e-7 relative
+# (logits ~1e-4 at beta 5000); the failures it catches are O(1) (bf16 forwards
+# traced separately: std ~3; fp32 policy vs bf16 reference: ~1).
+REFERENCE_MATCH_TOL = 1e-2
+
+
+class ReferenceMismatchError(RuntimeError):
+  """Policy and reference forwards disagree although their weights are equal."""
+
+
+def check_reference_match(
+  metrics: dict[str, Any], spec: StepSpec, tol: float = REFERENCE_MATCH_TOL
+) -> None:
+  """Stops a run whose DPO/RPO logits are not ~0 on the first step of a fresh run.
+
+  On that step the policy *is* the reference, so every logit
+  -0.5 beta ((m_w - m_l) - (r_w - r_l)) must be 0; anything else is rounding
+  noise of two forwards that compute the same function differently, which
+  beta turns into the training signal for the whole run.
+
+  Args:
+    metrics: the step's metrics (arrays or host floats) with `max_abs_logit`;
+      without it (objective "sft") nothing is checked.
+    spec: the step spec the metrics came from (beta and precision settings for
+      the message).
+    tol: largest |logit| accepted.
+
+  Raises:
+    ReferenceMismatchError: naming the cause, the precision settings and the fix.
+  """
+  if spec.objective not in ("dpo", "rpo") or "max_abs_logit" not in metrics:
+    return
+  value = float(metrics["max_abs_logit"])
+  if not value > tol:  # NaN: a non-finite step, reported by the skip logic instead.
+    return
+  name = lambda d: "float32" if d is None else jnp.dtype(d).name
+  raise ReferenceMismatchError(
+    f"First step of a fresh run (policy = reference): max |logit| = {value:.3g} > {tol:g} at "
+    f"beta={spec.beta:g}, so the policy and reference forwards give different MSEs for equal "
+    f"weights (gap up to {value / (0.5 * spec.beta):.2g}) and beta would train on that rounding "
+    f"noise. Precision: compute_dtype={name(spec.compute_param_dtype)}, "
+    f"ref_dtype={name(spec.ref_dtype)}, reference_forward={spec.reference_forward!r}. Fix: "
+    "precision.reference_forward='matched' (the default for bf16 compute), with "
+    "precision.ref_dtype equal to compute_dtype or float32."
   )
 
 

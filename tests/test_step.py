@@ -213,12 +213,26 @@ def test_bf16_compute_and_reference_keep_fp32_master_weights():
   train = jax.jit(lambda s, r, b, k: step_lib.train_step(s, r, b, k, spec=spec))
   state, m = train(state, ref, batch, jax.random.PRNGKey(0))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
-  # Both forwards use the same bf16-cast weights, yet XLA rounds bf16
-  # intermediates differently inside and outside the differentiated pass, so
-  # policy and reference MSEs differ by rounding noise that beta amplifies:
-  # step 0 is only approximately log 2 in bf16 (exact in float32, see above).
+  # Policy and reference MSEs come from one compiled loop body
+  # (reference_forward "matched", the bf16 default): equal weights, equal bits,
+  # so every beta-5000 logit is exactly 0 and the loss exactly log 2.
+  assert spec.reference_forward == "matched"
   assert np.isfinite(float(m["loss"])) and float(m["skipped"]) == 0.0
   assert float(m["grad_norm"]) > 0
+  assert float(m["max_abs_logit"]) == 0.0
+  assert np.float32(m["loss"]) == -np.float32(jax.nn.log_sigmoid(np.float32(0.0)))
   for side in ("w", "l"):
-    model, ref_mse = float(m[f"model_mse_{side}"]), float(m[f"ref_mse_{side}"])
-    assert abs(model - ref_mse) / ref_mse < 1e-2
+    assert float(m[f"model_mse_{side}"]) == float(m[f"ref_mse_{side}"])
+  step_lib.check_reference_match(m, spec)
+  with pytest.raises(step_lib.ReferenceMismatchError, match="not bit-identical|different MSEs"):
+    step_lib.check_reference_match(dict(m, max_abs_logit=np.float32(3.0)), spec)
+
+
+def test_reference_stored_below_compute_precision_is_rejected():
+  config = _one_level_config()
+  config.precision.compute_dtype = "float32"
+  config.precision.ref_dtype = "bfloat16"
+  with pytest.raises(ValueError, match="precision.ref_dtype"):
+    build_step_spec(config, None, None, None)
+  config.precision.ref_dtype = "float32"
+  assert build_step_spec(config, None, None, None).reference_forward == "separate"
