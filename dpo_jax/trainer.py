@@ -98,6 +98,7 @@ class Run:
   writer: Any
   manager: Any
   data: sources.Data
+  spec: step_lib.StepSpec
   state: step_lib.TrainState
   ref_params: Any
   train_rng: jax.Array
@@ -282,6 +283,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     writer=writer,
     manager=manager,
     data=data,
+    spec=spec,
     state=state,
     ref_params=ref_params,
     train_rng=train_rng,
@@ -320,12 +322,6 @@ def _leading_dim(tree: Any) -> int:
   return jax.tree.leaves(tree)[0].shape[0]
 
 
-def _first_step_check(config: ml_collections.ConfigDict, m: dict[str, Any]) -> None:
-  """On a fresh run the policy equals the reference, so every DPO/RPO logit must be 0."""
-  if config.objective in ("dpo", "rpo"):
-    step_lib.check_reference_match(jax.device_get(m), config)
-
-
 def train_loop(run: Run) -> dict[str, Any]:
   """Stage 2: steps from `run.start_step + 1` to `max_steps` or a preemption notice."""
   config, writer = run.config, run.writer
@@ -346,7 +342,9 @@ def train_loop(run: Run) -> dict[str, Any]:
       if step == run.start_step + 1:
         jax.block_until_ready(m)
         if run.start_step == 0:
-          _first_step_check(config, m)
+          # Policy = reference on a fresh run: every DPO/RPO logit must be 0,
+          # else beta trains on rounding noise (see step.matched_mses).
+          step_lib.check_reference_match(jax.device_get(m), run.spec)
         progress.restart_clock(step)
         watchdog.tick(step, measure=False)
         last_log_time, last_log_step = time.perf_counter(), step
