@@ -390,7 +390,7 @@ def main(argv: Sequence[str]) -> None:
   if not pipeline_path:
     raise UsageError("Pass --checkpoint=WORKDIR_OR_STEP_DIR and/or --pipeline=DIFFUSERS_DIR.")
   # The base UNet's weights are read only when they are what gets sampled.
-  run_variant = meta["config"].get("pretrained_variant", "") if f.checkpoint else ""
+  run_variant = meta["config"].get("pretrained_variant", "") if checkpoint_path else ""
   variant = run_variant if f.pretrained_variant is None else f.pretrained_variant
   pipeline = loader.load_pipeline(
     pipeline_path, variant=variant or None, unet_weights=params is None

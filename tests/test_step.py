@@ -236,3 +236,19 @@ def test_reference_stored_below_compute_precision_is_rejected():
     build_step_spec(config, None, None, None)
   config.precision.ref_dtype = "float32"
   assert build_step_spec(config, None, None, None).reference_forward == "separate"
+
+
+def test_eval_step_applies_no_caption_dropout():
+  import dataclasses
+
+  spec, params, batch = _setup_cached()
+  uncond = {"context": np.zeros(batch["context"].shape[1:], np.float32)}
+  dropping = dataclasses.replace(spec, caption_dropout=1.0, uncond=uncond)
+  rng = jax.random.PRNGKey(3)
+  ev = lambda s: jax.jit(lambda p, b, k: step_lib.eval_step(p, p, b, k, spec=s))(params, batch, rng)
+  np.testing.assert_array_equal(ev(dropping)["model_mse_w"], ev(spec)["model_mse_w"])
+  # Training with the same spec drops every caption, which changes the MSEs.
+  _, train_metrics = jax.jit(
+    lambda p, b, k: step_lib.objective_loss(dropping, p, p, b, k, train=True)
+  )(params, batch, rng)
+  assert float(train_metrics["model_mse_w"]) != float(ev(spec)["model_mse_w"])
