@@ -23,3 +23,12 @@ def tiny_config():
   c.unlock()
   c.log_every = 1
   return c
+
+
+@pytest.fixture
+def memory_gcs():
+  """An in-memory fake bucket behind gs:// paths (`tests.fixtures.fake_gcs`)."""
+  from tests.fixtures import fake_gcs
+
+  with fake_gcs() as fs:
+    yield fs

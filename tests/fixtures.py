@@ -273,35 +273,36 @@ def fake_gcs():
 
   epath sends gs:// to TensorFlow's GCS client when TF is installed; here it
   takes its fsspec backend instead, with fsspec's "gs"/"gcs" protocols bound
-  to a MemoryFileSystem. Yields the store ({path: file}), emptied on exit.
-  TensorBoard event files (TensorFlow) and orbax checkpoints (TensorStore)
-  use their own GCS clients, which this does not fake.
+  to a MemoryFileSystem. Yields that filesystem (its `store` maps paths to
+  files), emptied on exit. TensorBoard event files (TensorFlow) and orbax
+  checkpoints (TensorStore) use their own GCS clients, which this does not fake.
   """
   import fsspec
+  from etils.epath import backend as epath_backend
   from etils.epath import gpath
   from fsspec.implementations.memory import MemoryFileSystem
 
   class FakeGCS(MemoryFileSystem):
     protocol = ("gs", "gcs")
-    store: dict = {}  # noqa: RUF012 - one shared store per fake, as in a real bucket.
+    root_marker = ""
+    store: dict = {}  # noqa: RUF012 - one store per fake bucket.
     pseudo_dirs = [""]  # noqa: RUF012
-
-    def __init__(self, *args, finalize_on_close=None, **kwargs):
-      del finalize_on_close  # epath's fsspec backend passes it for gcsfs.
-      super().__init__(*args, **kwargs)
 
   registry = importlib.import_module("fsspec.registry")._registry
   saved = {name: registry.get(name) for name in ("gs", "gcs")}
   for name in ("gs", "gcs"):
     fsspec.register_implementation(name, FakeGCS, clobber=True)
+  # epath caches one filesystem per protocol: drop any from before the fake.
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()
   tf_installed = gpath._is_tf_installed
   gpath._is_tf_installed = lambda: False
   try:
-    yield FakeGCS.store
+    yield FakeGCS()
   finally:
     gpath._is_tf_installed = tf_installed
     for name, cls in saved.items():
       registry.pop(name, None)
       if cls is not None:
         registry[name] = cls
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
     FakeGCS.store.clear()

@@ -8,7 +8,6 @@
   changed dataset or seed.
 """
 
-import importlib
 import json
 import logging
 import os
@@ -17,14 +16,11 @@ import sys
 import textwrap
 from unittest import mock
 
-import fsspec
 import ml_dtypes
 import numpy as np
 import pytest
 from etils import epath
-from etils.epath import backend as epath_backend
 from etils.epath import gpath
-from fsspec.implementations.memory import MemoryFileSystem
 
 from dpo_jax.data import cache, synthetic
 from tests.fixtures import REPO
@@ -102,27 +98,6 @@ def test_incomplete_and_old_caches_are_refused(tmp_path):
   np.savez(old / "meta.npz", info="{}")
   with pytest.raises(FileNotFoundError, match=r"older format.*python -m dpo_jax.data.cache"):
     cache.read_cache(str(old))
-
-
-class _MemoryGCS(MemoryFileSystem):
-  """fsspec's in-memory filesystem answering to gs:// (no network, no local files)."""
-
-  protocol = ("gs", "gcs")
-  root_marker = ""
-
-
-@pytest.fixture
-def memory_gcs():
-  """Routes epath's gs:// paths to `_MemoryGCS` (fsspec backend instead of tf.io.gfile)."""
-  fsspec.register_implementation("gcs", _MemoryGCS, clobber=True)
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()
-  with mock.patch.object(gpath, "_is_tf_installed", lambda: False):
-    yield _MemoryGCS()
-  _MemoryGCS.store.clear()
-  _MemoryGCS.pseudo_dirs.clear()
-  _MemoryGCS.pseudo_dirs.append("")
-  importlib.import_module("fsspec.registry")._registry.pop("gcs", None)
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()
 
 
 def test_gs_cache_reads_only_gathered_rows(memory_gcs, tmp_path, monkeypatch):

@@ -20,7 +20,6 @@ from dpo_jax.data import cache, encode, pickapic, pipeline, sources
 from dpo_jax.models import build as build_lib
 from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline
 from tests.fixtures import good_rows, tiny_pipeline_train_config, write_parquet
-from tests.test_array_iterator import memory_gcs  # noqa: F401  (a fixture)
 from tests.test_scorers import write_tiny_clip
 
 ENCODE_BATCH = 3
@@ -189,7 +188,7 @@ def test_cache_without_rpo_features_is_refused_by_name(world):
     cache.select_arrays(no_clip, cache_dir, "text+image")
 
 
-def test_bf16_cache_on_gs_trains_rpo_without_encoders(world, memory_gcs, tmp_path):  # noqa: F811
+def test_bf16_cache_on_gs_trains_rpo_without_encoders(world, memory_gcs, tmp_path):
   """The shipped configs compute in bf16: the cache keeps bf16 (not raw bytes), also on
   gs://, and an RPO run trains from it without loading an encoder."""
   config, _, _, _, _ = world

@@ -1,6 +1,6 @@
 """gs:// workdirs: metrics, config and reports go to the bucket, never to a local "gs:" folder.
 
-The bucket is faked in memory (`tests.fixtures.fake_gcs`), so a test that
+The bucket is faked in memory (the `memory_gcs` fixture), so a test that
 writes to it leaves the local disk untouched or fails.
 """
 
@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from dpo_jax import evaluate, metrics
-from tests.fixtures import fake_gcs
 
 
 @pytest.fixture
@@ -20,22 +19,22 @@ def in_tmp_cwd(tmp_path, monkeypatch):
   return tmp_path
 
 
-def test_metrics_jsonl_on_gs_is_read_back_by_evaluate(in_tmp_cwd):
-  with fake_gcs() as bucket:
-    writer = metrics.JsonlWriter("gs://bucket/run/metrics.jsonl")
-    writer.write_scalars(1, {"train/loss": np.float32(0.69), "train/lr": 0.0})
-    writer.flush()
-    writer.write_scalars(2, {"train/loss": 0.5, "eval/loss": float("nan")})
-    writer.close()
-    curves = evaluate.read_metrics_jsonl("gs://bucket/run")
-    assert list(bucket) == ["gs://bucket/run/metrics.jsonl"]
-    rows = [json.loads(x) for x in bucket["gs://bucket/run/metrics.jsonl"].getvalue().splitlines()]
+def test_metrics_jsonl_on_gs_is_read_back_by_evaluate(in_tmp_cwd, memory_gcs):
+  writer = metrics.JsonlWriter("gs://bucket/run/metrics.jsonl")
+  writer.write_scalars(1, {"train/loss": np.float32(0.69), "train/lr": 0.0})
+  writer.flush()
+  writer.write_scalars(2, {"train/loss": 0.5, "eval/loss": float("nan")})
+  writer.close()
+  curves = evaluate.read_metrics_jsonl("gs://bucket/run")
+  (key,) = memory_gcs.store  # The one file, in the bucket.
+  assert key.endswith("bucket/run/metrics.jsonl")
+  rows = [json.loads(x) for x in memory_gcs.store[key].getvalue().splitlines()]
   assert curves["train/loss"] == {1: pytest.approx(0.69), 2: 0.5}
   assert "eval/loss" not in curves and rows[1]["eval/loss"] == "nan"
   assert os.listdir(in_tmp_cwd) == []
 
 
-def test_missing_gs_metrics_is_a_clear_error(in_tmp_cwd):
-  with fake_gcs(), pytest.raises(FileNotFoundError, match="gs://bucket/none/metrics.jsonl"):
+def test_missing_gs_metrics_is_a_clear_error(in_tmp_cwd, memory_gcs):
+  with pytest.raises(FileNotFoundError, match="gs://bucket/none/metrics.jsonl"):
     evaluate.read_metrics_jsonl("gs://bucket/none")
   assert os.listdir(in_tmp_cwd) == []
