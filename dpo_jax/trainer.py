@@ -104,9 +104,9 @@ class Run:
   train_rng: jax.Array
   eval_rng: jax.Array
   start_step: int
-  train_step: Any  # Compiled (state, ref, batch, rng) -> (state, metrics).
+  train_step: Any  # Compiled (state, ref, batch, rng) -> (state, metrics); None when done.
   eval_step: Callable[..., Any]
-  eval_batch: Any  # None: the source has no held-out split, no eval loss.
+  eval_batch: Any  # None: no held-out split (no eval loss), or nothing left to train.
   next_batch: Callable[[], Any]  # -> the next global batch in the step's format.
   flops: float
   sample_evaluator: sample_eval.SampleEval | None
@@ -168,8 +168,10 @@ def _stack_micro_batches(micro: list[Any]) -> Any:
   )
 
 
-def _input_stage(config, mesh, data: sources.Data, batch_sh):
-  """-> (encode_local, micro_abstract): local raw micro-batches -> encoded global ones.
+def _input_stage(mesh, data: sources.Data, batch_sh):
+  """-> (encode_local, micro_abstract, frozen params placed on the mesh).
+
+  `encode_local` turns a local raw micro-batch into an encoded global one.
 
   The frozen encoders run in their own jit on one micro-batch at a time: their
   params are replicated inputs, never optimizer state, never donated, and
@@ -251,12 +253,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     logging.info("Resumed from step %d in %s (data position %s).", start_step, workdir, data_state)
   del init_params
 
-  encode_local, micro_abstract, frozen = _input_stage(config, mesh, data, batch_sh)
+  encode_local, micro_abstract, frozen = _input_stage(mesh, data, batch_sh)
   if sample_evaluator is not None and frozen is not None:
     # The data encoder's replicated VAE / text encoders serve sampling too.
     sample_evaluator.share_encoders(frozen)
   accum = config.optim.grad_accum
-  stack = jax.jit(lambda micro: _stack_micro_batches(micro), out_shardings=batch_sh)
+  stack = jax.jit(_stack_micro_batches, out_shardings=batch_sh)
 
   def next_batch() -> Any:
     micro = [encode_local(next(data.train)) for _ in range(accum)]
@@ -266,16 +268,21 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     lambda x: jax.ShapeDtypeStruct((x.shape[0] * accum,) + x.shape[1:], x.dtype, sharding=batch_sh),
     micro_abstract,
   )
-  # Ahead-of-time compile: shape/sharding errors surface before any data is
-  # read, and the cost analysis gives the step's FLOPs for MFU.
-  lowered = step_lib.jit_train_step(spec, state_sh, param_sh, batch_sh, repl).lower(
-    state, ref_params, batch_abstract, train_rng
-  )
-  compiled = lowered.compile()
-  # From the lowered HLO: whole-mesh FLOPs, including cuDNN/cuBLAS work that a
-  # GPU-compiled cost analysis misses, and remat's recomputed forward.
-  flops = lowered_flops(lowered)
-  logging.info("Compiled train step: %.3g FLOPs/step (whole mesh).", flops)
+  compiled, flops, eval_batch = None, float("nan"), None
+  if start_step < config.max_steps:  # A finished run is neither compiled nor evaluated again.
+    # Ahead-of-time compile: shape/sharding errors surface before any data is
+    # read, and the cost analysis gives the step's FLOPs for MFU.
+    lowered = step_lib.jit_train_step(spec, state_sh, param_sh, batch_sh, repl).lower(
+      state, ref_params, batch_abstract, train_rng
+    )
+    compiled = lowered.compile()
+    # From the lowered HLO: whole-mesh FLOPs, including cuDNN/cuBLAS work that a
+    # GPU-compiled cost analysis misses, and remat's recomputed forward.
+    flops = lowered_flops(lowered)
+    logging.info("Compiled train step: %.3g FLOPs/step (whole mesh).", flops)
+    if data.eval_batch is not None:
+      micro_local = jax.tree.leaves(data.train.element_spec)[0].shape[0]
+      eval_batch = _encode_eval_batch(data.eval_batch, encode_local, stack, micro_local)
   return Run(
     config=config,
     workdir=workdir,
@@ -291,11 +298,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     start_step=start_step,
     train_step=compiled,
     eval_step=step_lib.jit_eval_step(spec, param_sh, param_sh, batch_sh, repl),
-    eval_batch=None
-    if data.eval_batch is None
-    else _encode_eval_batch(
-      data.eval_batch, encode_local, stack, _leading_dim(data.train.element_spec)
-    ),
+    eval_batch=eval_batch,
     next_batch=next_batch,
     flops=flops,
     sample_evaluator=sample_evaluator,
@@ -316,10 +319,6 @@ def _encode_eval_batch(local: dict[str, Any], encode_local, stack, micro: int) -
     return encode_local(local)
   chunks = [{k: v[j::n] for k, v in local.items()} for j in range(n)]
   return stack([encode_local(c) for c in chunks])
-
-
-def _leading_dim(tree: Any) -> int:
-  return jax.tree.leaves(tree)[0].shape[0]
 
 
 def train_loop(run: Run) -> dict[str, Any]:
