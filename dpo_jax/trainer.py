@@ -197,17 +197,19 @@ def _input_stage(mesh, data: sources.Data, batch_sh):
   return encode_local, micro_abstract, frozen
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Stage 1: everything the loop needs, restored or initialised, and compiled."""
+def setup(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Preemption) -> Run:
+  """Stage 1: everything the loop needs, restored or initialised, and compiled.
+
+  `stop` is installed by the caller before the slow parts (data build,
+  compile), so a SIGTERM that arrives during them still ends in a clean save
+  after the first step; the caller also removes it, whether or not this raises.
+  """
   check_config(config, jax.device_count())
   lead = jax.process_index() == 0
   wd = epath.Path(workdir)
   if lead:
     wd.mkdir(parents=True, exist_ok=True)
     (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
-  # Installed before the slow parts (data build, compile), so a SIGTERM that
-  # arrives during them still ends in a clean save after the first step.
-  stop = preemption.Preemption()
   writer = metrics.create_writer(workdir)
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -416,12 +418,11 @@ def train_loop(run: Run) -> dict[str, Any]:
 
 
 def finish(run: Run) -> None:
-  """Stage 3: waits for the last (async) checkpoint, then closes writers and handlers."""
+  """Stage 3: waits for the last (async) checkpoint, then closes the writers."""
   run.manager.wait_until_finished()
   run.manager.close()
   run.writer.flush()
   run.writer.close()
-  run.stop.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -436,21 +437,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Inputs first (pipeline folder, data, cache): a wrong path is an error
   # before the workdir, its config.json or any metric file exists.
   preflight.preflight(config)
-  with jax.debug_nans(bool(config.debug_nans)):
-    run = setup(config, resolve_workdir(workdir))
-    try:
-      if run.start_step >= config.max_steps:
-        logging.info(
-          "Workdir %s is already at step %d >= max_steps=%d: nothing to train.",
-          run.workdir,
-          run.start_step,
-          config.max_steps,
-        )
-        result = {"state": run.state, "train": {}, "eval": {}, "history": []}
-        return dict(result, flops_per_step=float("nan"), preempted=False)
-      return train_loop(run)
-    finally:
-      finish(run)
+  stop = preemption.Preemption()
+  try:
+    with jax.debug_nans(bool(config.debug_nans)):
+      run = setup(config, resolve_workdir(workdir), stop)
+      try:
+        if run.start_step >= config.max_steps:
+          logging.info(
+            "Workdir %s is already at step %d >= max_steps=%d: nothing to train.",
+            run.workdir,
+            run.start_step,
+            config.max_steps,
+          )
+          result = {"state": run.state, "train": {}, "eval": {}, "history": []}
+          return dict(result, flops_per_step=float("nan"), preempted=False)
+        return train_loop(run)
+      finally:
+        finish(run)
+  finally:
+    # Also when set-up fails (a config mismatch, a bad input): a SIGTERM
+    # handler left behind would make this process ignore termination.
+    stop.close()
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -127,8 +127,11 @@ def test_changed_optimizer_is_refused_by_name(uninterrupted, tmp_path):
   workdir = str(tmp_path / "changed")
   shutil.copytree(uninterrupted[0], workdir)
   config = make_train_config(**{"optim.name": "adafactor", "max_steps": 12})
+  handler = signal.getsignal(signal.SIGTERM)
   with pytest.raises(checkpoint.CheckpointMismatchError) as err:
     trainer.train_and_evaluate(config, workdir)
+  # The failed set-up left no SIGTERM handler behind (it would swallow termination).
+  assert signal.getsignal(signal.SIGTERM) is handler
   msg = str(err.value)
   assert "Checkpoint step 8" in msg and "train_state/opt_state/" in msg and '"name": "adamw"' in msg
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6", "8"]
