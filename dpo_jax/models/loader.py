@@ -345,8 +345,11 @@ def _read_flax_msgpack(path: str, abstract_params: Params, config: str) -> dict:
   with open(path, "rb") as f:
     restored = flax.serialization.msgpack_restore(f.read())
   expected = flatten_dict(abstract_params)
-  # diffusers' Flax classes wrote attention projections as query/key/value/proj_attn.
-  flat = naming.rename_legacy_tree(flatten_dict(restored))
+  # diffusers' Flax classes wrote attention projections as query/key/value/proj_attn,
+  # our models name them as PyTorch does (to_q/to_k/to_v/to_out_0).
+  flat = {
+    k if k in expected else naming.legacy_flax_path(k): v for k, v in flatten_dict(restored).items()
+  }
   unexpected = []
   for key, value in list(flat.items()):
     if key not in expected:
