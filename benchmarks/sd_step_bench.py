@@ -82,7 +82,7 @@ def sd15_step_config(
   c = sd15.get_config("sft" if objective == "sft" else "")
   for k, v in unet_cfg.items():
     c.model[k] = v
-  c.model.use_memory_efficient_attention = mem_eff_attn
+  c.model.attention = "chunked" if mem_eff_attn else "xla"
   c.model.remat = remat
   c.data.global_batch_size = pairs
   c.optim.grad_accum = 1
@@ -431,7 +431,9 @@ def main() -> None:
   ap.add_argument("--warmup", type=int, default=3, help="Untimed steps after compiling.")
   ap.add_argument("--peak_tflops", type=float, default=989.0, help="Dense bf16 peak for MFU.")
   ap.add_argument(
-    "--mem_efficient_attention", action="store_true", help="diffusers' query-chunked attention."
+    "--mem_efficient_attention",
+    action="store_true",
+    help="query-chunked attention (config.model.attention=chunked).",
   )
   ap.add_argument(
     "--remat", default="none", help="config.model.remat of the timed step (FLOPs: without)."

@@ -92,8 +92,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
   c.model.attention_head_dim = 8
   c.model.cross_attention_dim = 32
-  # diffusers' query-chunked attention (lower memory; on CPU faster forward).
-  c.model.use_memory_efficient_attention = False
+  # How attention is computed (models.attention): "xla" (plain, fused by XLA),
+  # "cudnn" (cuDNN flash attention: NVIDIA GPU, bf16/fp16), "chunked" (query-
+  # chunked, lower memory; on CPU a faster forward; was
+  # use_memory_efficient_attention=True), "auto" (cudnn where it applies, else xla).
+  c.model.attention = "xla"
   # Rematerialisation of the trained UNet's activations in the backward pass
   # (models.unet.REMAT_POLICIES): "none" keeps all; "blocks" puts each down/mid/up
   # block under jax.checkpoint and keeps only the blocks' inputs and outputs

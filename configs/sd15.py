@@ -13,7 +13,7 @@ set mesh.fsdp > 1 on smaller ones.
 
 Activations: the 16-pair micro-step is 1 pair per chip on the official 16
 chips. With more pairs per chip, rematerialise and chunk the attention
-(`--config.model.remat=blocks --config.model.use_memory_efficient_attention=True`):
+(`--config.model.remat=blocks --config.model.attention=chunked`):
 for 16 pairs on one chip the planner's XLA temp estimate drops from 219 GiB to
 37 GiB (`python -m dpo_jax.tools.plan --config=configs/sd15.py
 --mesh=data=1,fsdp=1`), for ~22 % more FLOPs (remat) plus the chunked

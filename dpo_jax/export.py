@@ -14,7 +14,7 @@ writes
 (or the XL class) loads it, and so does `dpo_jax.models.loader.load_pipeline`,
 which gives back the checkpoint's float32 parameters bit for bit.
 
-Conversion: the loader's PyTorch -> Flax rule (`loader.diffusers_rename`:
+Conversion: the loader's PyTorch -> Flax rule (`naming.torch_to_flax`:
 names, conv [O,I,H,W] -> [H,W,I,O], linear .T) is run backwards. Every PyTorch
 key of the base UNet (read from its safetensors header, its `.bin`, or for a
 Flax msgpack base from torch's `UNet2DConditionModel` built on the meta device)
@@ -43,7 +43,7 @@ import safetensors.numpy
 from etils import epath
 from flax.traverse_util import flatten_dict
 
-from dpo_jax.models import loader
+from dpo_jax.models import loader, naming
 from dpo_jax.models.unet import parse_dtype
 
 Params = dict[str, Any]
@@ -140,7 +140,7 @@ def to_pytorch_state_dict(
       shape mismatch (the base is not the checkpoint's architecture).
   """
   probes = {k: AxesProbe.of(k, s) for k, s in pt_shapes.items()}
-  mapping = loader.convert_pt_state_dict(probes, params, loader.diffusers_rename, source, target)
+  mapping = loader.convert_pt_state_dict(probes, params, naming.torch_to_flax, source, target)
   unmatched = sorted(set(pt_shapes) - {p.key for p in mapping.values()})
   if unmatched:  # Keys the loader drops as buffers would otherwise vanish silently.
     raise ValueError(f"{source}: no Flax parameter for PyTorch keys {unmatched[:5]}.")

@@ -284,6 +284,15 @@ def test_msgpack_roundtrip(sd15, sd15_dir, tmp_path):
     f.write(flax.serialization.to_bytes(sd15.unet_params))
   _, params = loader.load_unet(unet_dir)
   _assert_trees_equal(params, sd15.unet_params)
+  # diffusers' Flax UNet wrote the attention projections as query/key/value/proj_attn.
+  old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"}
+  flat = flax.traverse_util.flatten_dict(sd15.unet_params)
+  legacy = {tuple(old.get(p, p) for p in k): v for k, v in flat.items()}
+  assert any("proj_attn" in k for k in legacy)
+  with open(os.path.join(unet_dir, "diffusion_flax_model.msgpack"), "wb") as f:
+    f.write(flax.serialization.to_bytes(flax.traverse_util.unflatten_dict(legacy)))
+  _, params = loader.load_unet(unet_dir)
+  _assert_trees_equal(params, sd15.unet_params)
 
 
 def test_variant_dtype_and_bin(sd15, sd15_dir, torch_sd15, tmp_path):

@@ -9,8 +9,9 @@ Two sources, chosen by `config.pretrained_path`:
     `config.scheduler` (the UNet was trained with it), and its UNet config
     over `config.model`.
 
-`config.model.remat` applies to either: it changes how the backward pass stores
-activations, not the architecture or the parameter tree.
+`config.model.remat` and `config.model.attention` apply to either: they change
+how the UNet computes (and what the backward pass stores), not the
+architecture or the parameter tree.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def build_models(config: ml_collections.ConfigDict, with_encoders: bool | None =
   """
   compute = config.precision.compute_dtype
   remat = config.model.remat
+  attention = unet_lib.attention_from_config(config.model)
   if with_encoders is None:
     with_encoders = config.data.source != "cache"
   # .get: configs saved before the field existed (checkpoint metas) have none.
@@ -79,7 +81,7 @@ def build_models(config: ml_collections.ConfigDict, with_encoders: bool | None =
     unet, params = loader.load_unet(
       os.path.join(config.pretrained_path, "unet"), variant=variant, dtype=compute
     )
-    unet = unet_lib.with_remat(unet, remat)
+    unet = unet_lib.with_remat(unet_lib.with_attention(unet, attention), remat)
     return Models(
       unet=unet,
       init_params=lambda rng: unet_lib.init_unet_params(unet, rng),
@@ -91,7 +93,8 @@ def build_models(config: ml_collections.ConfigDict, with_encoders: bool | None =
     )
   pipeline = loader.load_pipeline(config.pretrained_path, variant=variant, dtype=compute)
   params = pipeline.unet_params
-  # Only the trained UNet rematerialises; the pipeline's (sampling) stays stock.
+  # Only the trained UNet rematerialises; the pipeline's (sampling) does not.
+  pipeline = dataclasses.replace(pipeline, unet=unet_lib.with_attention(pipeline.unet, attention))
   unet = unet_lib.with_remat(pipeline.unet, remat)
   logging.info(
     "Loaded %s pipeline from %s (UNet %.1fM params, prediction_type=%s).",

@@ -48,11 +48,13 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from transformers import modeling_flax_pytorch_utils as transformers_pt_utils
 
 from dpo_jax import diffusion
+from dpo_jax.models import naming
 from dpo_jax.models.unet import parse_dtype
+from dpo_jax.models.unet2d import UNet2DConditionModel
 
 with warnings.catch_warnings():
   warnings.simplefilter("ignore", FutureWarning)
-  from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+  from diffusers import FlaxAutoencoderKL
 
 Params = dict[str, Any]
 DTypeLike = str | jnp.dtype | type
@@ -71,36 +73,10 @@ TRANSFORMERS_WEIGHTS = (
   transformers.utils.FLAX_WEIGHTS_NAME,
 )
 
-# PyTorch config fields the Flax modules do not read, with the only value they
-# implement (hard-coded inside them). Any other value would load without error
-# and compute something else, so it is rejected instead.
-_UNET_FIXED = {
-  "act_fn": "silu",
-  "norm_num_groups": 32,
-  "norm_eps": 1e-5,
-  "resnet_time_scale_shift": "default",
-  "time_embedding_type": "positional",
-  "time_embedding_dim": None,
-  "time_embedding_act_fn": None,
-  "timestep_post_act": None,
-  "time_cond_proj_dim": None,
-  "class_embed_type": None,
-  "num_class_embeds": None,
-  "encoder_hid_dim": None,
-  "encoder_hid_dim_type": None,
-  "conv_in_kernel": 3,
-  "conv_out_kernel": 3,
-  "center_input_sample": False,
-  "class_embeddings_concat": False,
-  "mid_block_only_cross_attention": None,
-  "dual_cross_attention": False,
-  "resnet_skip_time_act": False,
-  "resnet_out_scale_factor": 1.0,
-  "mid_block_scale_factor": 1,
-  "cross_attention_norm": None,
-  "attention_type": "default",
-  "reverse_transformer_layers_per_block": None,
-}
+# PyTorch config fields the Flax VAE does not read, with the only value it
+# implements (hard-coded inside it). Any other value would load without error
+# and compute something else, so it is rejected instead. (The UNet is ours and
+# checks its own config: `unet2d.FIXED`.)
 _VAE_FIXED = {
   "act_fn": "silu",
   "use_quant_conv": True,
@@ -128,7 +104,7 @@ class Pipeline:
 
   Attributes:
     kind: "sd15" (one text encoder; SD 1.x / 2.x structure) or "sdxl".
-    unet: FlaxUNet2DConditionModel; apply with `{"params": unet_params}`.
+    unet: `unet2d.UNet2DConditionModel`; apply with `{"params": unet_params}`.
     vae: FlaxAutoencoderKL, or None for a pixel-space pipeline (`model_index.json`
       lists `"vae": [null, null]`; the UNet then works on images in [-1, 1]).
     text_encoder: Flax CLIP text module (linen), CLIP ViT-L for SD1.5 / SDXL.
@@ -142,7 +118,7 @@ class Pipeline:
   """
 
   kind: str
-  unet: FlaxUNet2DConditionModel
+  unet: UNet2DConditionModel
   unet_params: Params
   vae: FlaxAutoencoderKL | None
   vae_params: Params | None
@@ -369,7 +345,11 @@ def _read_flax_msgpack(path: str, abstract_params: Params, config: str) -> dict:
   with open(path, "rb") as f:
     restored = flax.serialization.msgpack_restore(f.read())
   expected = flatten_dict(abstract_params)
-  flat = flatten_dict(restored)
+  # diffusers' Flax classes wrote attention projections as query/key/value/proj_attn,
+  # our models name them as PyTorch does (to_q/to_k/to_v/to_out_0).
+  flat = {
+    k if k in expected else naming.legacy_flax_path(k): v for k, v in flatten_dict(restored).items()
+  }
   unexpected = []
   for key, value in list(flat.items()):
     if key not in expected:
@@ -427,24 +407,47 @@ def _diffusers_module(cls, directory: str, fixed: dict, dtype: DTypeLike):
   return module, flax.core.unfreeze(abstract), config_path
 
 
+def _unet_module(
+  directory: str, dtype: DTypeLike, attention: str
+) -> tuple[UNet2DConditionModel, Params, str]:
+  """Our UNet from `directory/config.json`, its abstract params and the config path."""
+  config_path = os.path.join(directory, "config.json")
+  config = _read_json(config_path)
+  try:
+    module = UNet2DConditionModel.from_config(config, dtype=_as_dtype(dtype), attention=attention)
+  except ValueError as e:
+    raise ValueError(f"{config_path}: {e}") from e
+  # Shapes only: no random initialisation of a multi-GB model.
+  abstract = jax.eval_shape(module.init_weights, jax.random.PRNGKey(0))
+  return module, abstract, config_path
+
+
 def load_unet(
   directory: str,
   *,
   variant: str | None = None,
   param_dtype: DTypeLike = jnp.float32,
   dtype: DTypeLike = jnp.float32,
-) -> tuple[FlaxUNet2DConditionModel, Params]:
-  """Loads `directory` (a pipeline's `unet/`) -> (Flax UNet, params)."""
-  module, abstract, config_path = _diffusers_module(
-    FlaxUNet2DConditionModel, directory, _UNET_FIXED, dtype
-  )
+  attention: str = "xla",
+) -> tuple[UNet2DConditionModel, Params]:
+  """Loads `directory` (a pipeline's `unet/`) -> (our Flax UNet, params).
+
+  Args:
+    directory: config.json + PyTorch weights (safetensors, sharded, .bin) or
+      a diffusers-Flax msgpack (its attention names are mapped to ours).
+    variant, param_dtype, dtype: as `load_pipeline`.
+    attention: `config.model.attention` (`models.attention`).
+  """
+  module, abstract, config_path = _unet_module(directory, dtype, attention)
   path = find_weights(directory, DIFFUSERS_WEIGHTS, variant)
-  return module, load_params(path, abstract, _diffusers_rename, config_path, param_dtype)
+  return module, load_params(path, abstract, naming.torch_to_flax, config_path, param_dtype)
 
 
-def load_unet_module(directory: str, dtype: DTypeLike = jnp.float32) -> FlaxUNet2DConditionModel:
+def load_unet_module(
+  directory: str, dtype: DTypeLike = jnp.float32, attention: str = "xla"
+) -> UNet2DConditionModel:
   """The Flax UNet of `directory`'s config.json alone (no weights read)."""
-  return _diffusers_module(FlaxUNet2DConditionModel, directory, _UNET_FIXED, dtype)[0]
+  return _unet_module(directory, dtype, attention)[0]
 
 
 def load_vae(

@@ -1,50 +1,48 @@
-"""Flax UNet construction from a config, and the apply function the step uses.
+"""The UNet the trainer uses: construction from a config, remat, and the apply function.
 
-Rematerialisation (`config.model.remat`): the stock diffusers UNet keeps every
+The module is our own `models.unet2d.UNet2DConditionModel` (diffusers'
+architecture and PyTorch parameter names). How it computes is set here, apart
+from the architecture: `config.model.attention` (`models.attention`) and
+`config.model.remat`.
+
+Rematerialisation (`config.model.remat`): the plain UNet keeps every
 activation of its forward pass for the backward pass, ~7.5 GiB per SD1.5 pair
-in bf16 and far more for SDXL. `RematUNet` is the same UNet with each down,
-mid and up block under `flax.linen.remat` (`jax.checkpoint`): the backward
-pass keeps only what the policy saves inside a block (nothing, for "blocks")
-plus the blocks' inputs and outputs (the skip connections, which the UNet
-keeps anyway), and recomputes the rest block by block. That costs one extra
-policy forward (~8 -> ~10 forward-equivalents per DPO pair). Parameter names
-are unchanged, so pretrained weights and checkpoints load either way.
+in bf16 and far more for SDXL. With a remat policy each down, mid and up block
+runs under `flax.linen.remat` (`jax.checkpoint`): the backward pass keeps only
+what the policy saves inside a block (nothing, for "blocks") plus the blocks'
+inputs and outputs (the skip connections, which the UNet keeps anyway), and
+recomputes the rest block by block. That costs one extra policy forward (~8 ->
+~10 forward-equivalents per DPO pair). Parameter names are unchanged, so
+pretrained weights and checkpoints load either way.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import warnings
 from collections.abc import Callable
 from typing import Any
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-with warnings.catch_warnings():
-  warnings.simplefilter("ignore", FutureWarning)
-  from diffusers import FlaxUNet2DConditionModel
-  from diffusers.configuration_utils import flax_register_to_config
+from dpo_jax.models import attention as attention_lib
+from dpo_jax.models.unet2d import REMAT_POLICIES, UNet2DConditionModel
+
+__all__ = [
+  "DTYPES",
+  "REMAT_POLICIES",
+  "UNet2DConditionModel",
+  "init_unet_params",
+  "make_unet_apply",
+  "parse_dtype",
+  "unet_from_config",
+  "with_attention",
+  "with_remat",
+]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-# config.model.remat -> what a rematerialised block keeps for the backward pass
-# (a `jax.checkpoint` policy); "none" builds the stock UNet.
-#   blocks: nothing (recompute the block's whole forward; least memory).
-#   blocks_save_dots: the outputs of weight matmuls (Dense layers: attention
-#     projections, feed-forwards), recomputing convolutions, norms and the
-#     attention itself; between "none" and "blocks" in memory and time.
-REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
-  "none": None,
-  "blocks": jax.checkpoint_policies.nothing_saveable,
-  "blocks_save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-# The attributes FlaxUNet2DConditionModel.setup assigns its blocks to.
-_BLOCK_ATTRS = ("down_blocks", "mid_block", "up_blocks")
+# config.model keys that say how to compute, not what the architecture is.
+_COMPUTE_KEYS = ("remat", "attention", "use_memory_efficient_attention")
 
 
 def parse_dtype(name: str) -> jnp.dtype:
@@ -54,117 +52,84 @@ def parse_dtype(name: str) -> jnp.dtype:
   return DTYPES[name]
 
 
-@functools.cache
-def _remat_class(block_cls: type[nn.Module], policy: str) -> type[nn.Module]:
-  """`nn.remat` of a diffusers block class; cached so every setup reuses one class."""
-  return nn.remat(block_cls, policy=REMAT_POLICIES[policy])
-
-
-def _init_fields(module: nn.Module) -> dict[str, Any]:
-  """A Flax module's constructor arguments (its dataclass fields, less parent/name)."""
-  return {
-    f.name: getattr(module, f.name)
-    for f in dataclasses.fields(module)
-    if f.init and f.name not in ("parent", "name")
-  }
-
-
-@flax_register_to_config
-class RematUNet(FlaxUNet2DConditionModel):
-  """FlaxUNet2DConditionModel whose down/mid/up blocks rematerialise in the backward pass.
-
-  diffusers' `setup` builds each block and assigns the list to
-  `self.down_blocks` (etc.); Flax names and binds submodules at that
-  assignment. Intercepting it to rebuild each block as `nn.remat` of its own
-  class with the same fields changes neither the module names nor the
-  parameter tree, and needs no copy of diffusers' setup or __call__. Lifted
-  remat adds no scope level, so the parameters stay at `down_blocks_0/...`.
-
-  The blocks are called with `deterministic=` as a keyword, which
-  `jax.checkpoint` traces; that is harmless only because dropout is 0 (a zero
-  rate returns before reading the flag), so `dropout` must be 0.
-  """
-
-  remat_policy: str = "blocks"
-
-  def __setattr__(self, name: str, value: Any) -> None:
-    if name in _BLOCK_ATTRS and value is not None:
-      if isinstance(value, list | tuple):
-        value = [self._remat_block(b) for b in value]
-      else:
-        value = self._remat_block(value)
-    super().__setattr__(name, value)
-
-  def _remat_block(self, block: nn.Module) -> nn.Module:
-    return _remat_class(type(block), self.remat_policy)(**_init_fields(block))
-
-
-def with_remat(unet: FlaxUNet2DConditionModel, policy: str) -> FlaxUNet2DConditionModel:
+def with_remat(unet: UNet2DConditionModel, policy: str) -> UNet2DConditionModel:
   """The same UNet (same config, dtype and parameter tree) with remat `policy`.
 
   Args:
-    unet: a stock or remat UNet (e.g. from `models.loader`).
-    policy: a key of `REMAT_POLICIES`; "none" gives the stock diffusers class.
+    unet: a UNet (e.g. from `models.loader`).
+    policy: a key of `REMAT_POLICIES`; "none" rematerialises nothing.
   """
   if policy not in REMAT_POLICIES:
     raise ValueError(f"Unknown remat policy {policy!r}; expected one of {list(REMAT_POLICIES)}.")
-  fields = _init_fields(unet)
-  fields.pop("remat_policy", None)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    if policy == "none":
-      if type(unet) is FlaxUNet2DConditionModel:
-        return unet
-      return FlaxUNet2DConditionModel(**fields)
-    if fields.get("dropout", 0.0) != 0.0:
-      raise ValueError(
-        f"remat={policy!r} needs dropout == 0 (got {fields['dropout']}): the blocks' "
-        "`deterministic` flag would be traced by jax.checkpoint."
-      )
-    return RematUNet(remat_policy=policy, **fields)
+  return unet if unet.remat_policy == policy else unet.clone(remat_policy=policy)
+
+
+def with_attention(unet: UNet2DConditionModel, implementation: str) -> UNet2DConditionModel:
+  """The same UNet computing attention with `implementation` (`config.model.attention`)."""
+  attention_lib.check_implementation(implementation)
+  return unet if unet.attention == implementation else unet.clone(attention=implementation)
+
+
+def attention_from_config(model_config: Any) -> str:
+  """`config.model.attention`; configs saved before it existed may carry the old flag.
+
+  `use_memory_efficient_attention=True` (diffusers' Flax option, our config
+  field until the UNet became ours) meant query-chunked attention.
+  """
+  get = model_config.get
+  old = get("use_memory_efficient_attention", None)
+  implementation = get("attention", None)
+  if old and implementation not in (None, "chunked"):
+    raise ValueError(
+      f"config.model.use_memory_efficient_attention=True (the old name of attention='chunked') "
+      f"contradicts config.model.attention={implementation!r}; drop the old field."
+    )
+  if implementation is None:
+    implementation = "chunked" if old else "xla"
+  return attention_lib.check_implementation(implementation)
 
 
 def unet_from_config(
   model_config: ml_collections.ConfigDict | dict[str, Any],
   compute_dtype: str = "float32",
   remat: str | None = None,
-) -> FlaxUNet2DConditionModel:
-  """Builds a diffusers Flax UNet; `compute_dtype` sets activation precision.
+) -> UNet2DConditionModel:
+  """Builds the UNet; `compute_dtype` sets activation precision.
 
   Parameters are always created in float32 (the master copy); `dtype` only
   controls the dtype that the module casts to for its computation.
 
   Args:
-    model_config: diffusers UNet config fields, plus optionally `remat`.
+    model_config: diffusers UNet config fields, plus optionally `remat` and
+      `attention` (or the old `use_memory_efficient_attention`).
     compute_dtype: activation dtype name.
     remat: remat policy; None = `model_config["remat"]`, or "none" if absent.
   """
   kwargs = dict(model_config)
-  config_remat = kwargs.pop("remat", "none")
-  for key in ("block_out_channels", "down_block_types", "up_block_types"):
-    if key in kwargs:
-      kwargs[key] = tuple(kwargs[key])
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    unet = FlaxUNet2DConditionModel(dtype=parse_dtype(compute_dtype), **kwargs)
-  return with_remat(unet, config_remat if remat is None else remat)
+  config_remat = kwargs.get("remat", "none")
+  implementation = attention_from_config(kwargs)
+  for key in _COMPUTE_KEYS:
+    kwargs.pop(key, None)
+  return UNet2DConditionModel.from_config(
+    kwargs,
+    dtype=parse_dtype(compute_dtype),
+    attention=implementation,
+    remat_policy=config_remat if remat is None else remat,
+  )
 
 
-def init_unet_params(unet: FlaxUNet2DConditionModel, rng: jax.Array) -> dict[str, Any]:
+def init_unet_params(unet: UNet2DConditionModel, rng: jax.Array) -> dict[str, Any]:
   """Random float32 UNet parameters (a plain nested dict)."""
-  return flax.core.unfreeze(unet.init_weights(rng))
+  return unet.init_weights(rng)
 
 
 UNetApply = Callable[..., jax.Array]
 
 
-def make_unet_apply(unet: FlaxUNet2DConditionModel) -> UNetApply:
+def make_unet_apply(unet: UNet2DConditionModel) -> UNetApply:
   """Returns `apply(params, noisy [B,C,H,W], t [B], context [B,L,D], added) -> pred`."""
 
   def apply(params, noisy, timesteps, context, added_cond=None):
-    out = unet.apply(
-      {"params": params}, noisy, timesteps, context, added_cond_kwargs=added_cond, train=False
-    )
-    return out.sample
+    return unet.apply({"params": params}, noisy, timesteps, context, added_cond)
 
   return apply

@@ -6,7 +6,7 @@
 
 Builds the UNet of `--kind` (default: from the config name) from its published
 architecture (`models.architectures`) with the config's `model.remat` and
-`model.use_memory_efficient_attention`, derives parameters, optimizer state
+`model.attention`, derives parameters, optimizer state
 and shardings with `jax.eval_shape` (no weights are created or loaded), then
 ahead-of-time lowers and compiles one optimizer micro-step of the configured
 objective on forced host CPU devices (`--xla_force_host_platform_device_count`)
@@ -104,9 +104,7 @@ def plan(
   remat = config.model.remat if remat is None else remat
   unet_cfg, side, tokens, pooled = architectures.ARCHITECTURES[kind]
   # The published architecture, with the config's choices of how to compute it.
-  unet_cfg = dict(
-    unet_cfg, use_memory_efficient_attention=config.model.use_memory_efficient_attention
-  )
+  unet_cfg = dict(unet_cfg, attention=unet_lib.attention_from_config(config.model))
   unet = unet_lib.unet_from_config(unet_cfg, config.precision.compute_dtype, remat=remat)
   # The first data*fsdp devices, so a small plan also runs in a process with more.
   mesh = sharding.make_mesh(data, fsdp, jax.devices()[: data * fsdp])
@@ -178,7 +176,7 @@ def plan(
     "kind": kind,
     "objective": c.objective,
     "remat": remat,
-    "memory_efficient_attention": bool(config.model.use_memory_efficient_attention),
+    "attention": unet_lib.attention_from_config(config.model),
     "mesh": {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"]},
     "unet_params": n_params,
     "pairs_per_micro_step": micro,
@@ -279,13 +277,15 @@ def plan_encode(
 def model_flops_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of `config` whose lowered step has the model's FLOPs (the MFU numerator).
 
-  Plain attention instead of diffusers' query-chunked one: XLA's cost analysis
+  Plain ("xla") attention instead of the query-chunked one: XLA's cost analysis
   counts a loop body once, so the chunked version's `lax.map` loops would be
   undercounted (SD1.5 DPO: 5.3 instead of 6.3 T per pair). Remat is chosen
   separately (`plan(remat=...)`).
   """
   c = ml_collections.ConfigDict(config.to_dict())
-  c.model.use_memory_efficient_attention = False
+  c.model.attention = "xla"
+  if "use_memory_efficient_attention" in c.model:  # A config saved before `attention`.
+    c.model.use_memory_efficient_attention = False
   return c
 
 
@@ -318,7 +318,7 @@ def main(argv: list[str]) -> None:
   temp = "not compiled (--flops_only)" if flops_only else _gib(r["temp_bytes_per_device"])
   print(
     f"{kind} {r['objective']} mesh data={r['mesh']['data']} fsdp={r['mesh']['fsdp']}"
-    f" remat={r['remat']} mem_eff_attn={r['memory_efficient_attention']}:"
+    f" remat={r['remat']} attention={r['attention']}:"
     f" UNet {r['unet_params'] / 1e6:.0f}M params\n"
     f"  params + optimizer state / device: {_gib(r['param_and_opt_bytes_per_device'])}\n"
     f"  frozen reference / device:         {_gib(r['reference_bytes_per_device'])}\n"
