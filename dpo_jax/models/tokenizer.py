@@ -219,7 +219,7 @@ class CLIPTokenizer:
   def __call__(
     self, prompts: Sequence[str], max_length: int | None = None
   ) -> dict[str, np.ndarray]:
-    """Captions -> {"input_ids", "attention_mask"}: int32 [B, L] (L: max_length or model_max_length).
+    """Captions -> {"input_ids", "attention_mask"}: int32 [B, L], L = max_length or the default.
 
     Each caption is cleaned (`clip_text_clean`), BPE-encoded, cut to L - 2
     tokens (long captions lose their tail) and framed by the start and end
