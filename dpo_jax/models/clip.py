@@ -151,6 +151,20 @@ def _as_config(cls: type, config: Any) -> Any:
   return config if isinstance(config, cls) else cls.from_dict(config)
 
 
+def _text_ids(config: CLIPTextConfig) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
+
+
+def _pixels(config: CLIPVisionConfig) -> jax.ShapeDtypeStruct:
+  side = config.image_size
+  return jax.ShapeDtypeStruct((1, side, side, config.num_channels), jnp.float32)
+
+
+def _abstract(module: nn.Module, *args: Any) -> dict[str, Any]:
+  """The module's parameter tree as ShapeDtypeStructs (traced, nothing initialised)."""
+  return jax.eval_shape(module.init, jax.random.key(0), *args)["params"]
+
+
 @flax.struct.dataclass
 class CLIPTextOutput:
   """A text tower's outputs.
@@ -303,6 +317,10 @@ class CLIPTextModel(nn.Module):
   def from_config(cls, config: Mapping[str, Any] | CLIPTextConfig, dtype: Any = jnp.float32):
     return cls(_as_config(CLIPTextConfig, config), dtype=dtype)
 
+  def init_abstract(self) -> dict[str, Any]:
+    """Parameter shapes (ShapeDtypeStructs), for loading weights without a random init."""
+    return _abstract(self, _text_ids(self.config))
+
   @nn.compact
   def __call__(
     self,
@@ -391,6 +409,9 @@ class CLIPVisionModelWithProjection(nn.Module):
   def from_config(cls, config: Mapping[str, Any] | CLIPVisionConfig, dtype: Any = jnp.float32):
     return cls(_as_config(CLIPVisionConfig, config), dtype=dtype)
 
+  def init_abstract(self) -> dict[str, Any]:
+    return _abstract(self, _pixels(self.config))
+
   @nn.compact
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
     _, pooled = CLIPVisionTransformer(self.config, self.dtype, name="vision_model")(pixel_values)
@@ -416,6 +437,10 @@ class CLIPModel(nn.Module):
   @classmethod
   def from_config(cls, config: Mapping[str, Any] | CLIPConfig, dtype: Any = jnp.float32):
     return cls(_as_config(CLIPConfig, config), dtype=dtype)
+
+  def init_abstract(self) -> dict[str, Any]:
+    c = self.config
+    return _abstract(self, _text_ids(c.text_config), _pixels(c.vision_config))
 
   def setup(self):
     c = self.config

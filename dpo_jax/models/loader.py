@@ -41,18 +41,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
-import transformers
 from diffusers.models import modeling_flax_pytorch_utils as diffusers_pt_utils
 from diffusers.utils import constants as diffusers_constants
 from flax.traverse_util import flatten_dict, unflatten_dict
-from transformers import modeling_flax_pytorch_utils as transformers_pt_utils
 
 from dpo_jax import diffusion
+from dpo_jax.models import clip, naming
+from dpo_jax.models import tokenizer as tokenizer_lib
+from dpo_jax.models import vae as vae_lib
 from dpo_jax.models.unet import parse_dtype
 
 with warnings.catch_warnings():
   warnings.simplefilter("ignore", FutureWarning)
-  from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+  from diffusers import FlaxUNet2DConditionModel
 
 Params = dict[str, Any]
 DTypeLike = str | jnp.dtype | type
@@ -65,11 +66,7 @@ DIFFUSERS_WEIGHTS = (
   diffusers_constants.WEIGHTS_NAME,
   diffusers_constants.FLAX_WEIGHTS_NAME,
 )
-TRANSFORMERS_WEIGHTS = (
-  transformers.utils.SAFE_WEIGHTS_NAME,
-  transformers.utils.WEIGHTS_NAME,
-  transformers.utils.FLAX_WEIGHTS_NAME,
-)
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "flax_model.msgpack")
 
 # PyTorch config fields the Flax modules do not read, with the only value they
 # implement (hard-coded inside them). Any other value would load without error
@@ -101,15 +98,6 @@ _UNET_FIXED = {
   "attention_type": "default",
   "reverse_transformer_layers_per_block": None,
 }
-_VAE_FIXED = {
-  "act_fn": "silu",
-  "use_quant_conv": True,
-  "use_post_quant_conv": True,
-  "mid_block_add_attention": True,
-  "shift_factor": None,
-  "latents_mean": None,
-  "latents_std": None,
-}
 # Non-parameter buffers that PyTorch checkpoints may carry.
 _IGNORED_BUFFERS = ("position_ids", "num_batches_tracked")
 # diffusers' rule asserts (without a message) on these attention projections.
@@ -129,31 +117,31 @@ class Pipeline:
   Attributes:
     kind: "sd15" (one text encoder; SD 1.x / 2.x structure) or "sdxl".
     unet: FlaxUNet2DConditionModel; apply with `{"params": unet_params}`.
-    vae: FlaxAutoencoderKL, or None for a pixel-space pipeline (`model_index.json`
+    vae: `models.vae.AutoencoderKL`, or None for a pixel-space pipeline (`model_index.json`
       lists `"vae": [null, null]`; the UNet then works on images in [-1, 1]).
-    text_encoder: Flax CLIP text module (linen), CLIP ViT-L for SD1.5 / SDXL.
-    tokenizer: transformers CLIPTokenizer of `text_encoder`.
+    text_encoder: `models.clip.CLIPTextModel`, CLIP ViT-L for SD1.5 / SDXL.
+    tokenizer: `models.tokenizer.CLIPTokenizer` of `text_encoder`.
     scheduler_config: `scheduler/scheduler_config.json` without "_" keys,
       always with "prediction_type"; feeds `diffusion.make_noise_schedule`.
     vae_scaling_factor: latents = VAE mean/sample * this (0.18215 / 0.13025;
       1.0 without a VAE).
-    text_encoder_2, tokenizer_2: SDXL's OpenCLIP bigG with projection, else None.
+    text_encoder_2, tokenizer_2: SDXL's OpenCLIP bigG (`CLIPTextModelWithProjection`), else None.
     path: the folder it came from.
   """
 
   kind: str
   unet: FlaxUNet2DConditionModel
   unet_params: Params
-  vae: FlaxAutoencoderKL | None
+  vae: vae_lib.AutoencoderKL | None
   vae_params: Params | None
-  text_encoder: Any
+  text_encoder: clip.CLIPTextModel
   text_encoder_params: Params
-  tokenizer: Any
+  tokenizer: tokenizer_lib.CLIPTokenizer
   scheduler_config: dict[str, Any]
   vae_scaling_factor: float
-  text_encoder_2: Any = None
+  text_encoder_2: clip.CLIPTextModelWithProjection | None = None
   text_encoder_2_params: Params | None = None
-  tokenizer_2: Any = None
+  tokenizer_2: tokenizer_lib.CLIPTokenizer | None = None
   path: str = ""
 
 
@@ -300,17 +288,6 @@ def diffusers_rename(pt_key: str, tensor: Any, expected: dict) -> tuple:
   return _diffusers_rename(pt_key, tensor, expected)
 
 
-def _transformers_rename(prefix: str) -> RenameFn:
-  """transformers' PyTorch -> Flax rule for one tensor (CLIP text encoders)."""
-
-  def rename(pt_key, tensor, expected):
-    return transformers_pt_utils.rename_key_and_reshape_tensor(
-      tuple(pt_key.split(".")), tensor, expected, prefix
-    )
-
-  return rename
-
-
 def _shape_error(source: str, key: str, got: tuple, flax_key: tuple, want: tuple, config: str):
   return ValueError(
     f"{source}: tensor {key!r} has shape {got} (Flax {'/'.join(flax_key)}) but the model "
@@ -364,12 +341,26 @@ def convert_pt_state_dict(
   return flat
 
 
+def _legacy_msgpack_path(path: tuple[str, ...]) -> tuple[str, ...]:
+  """A path of a msgpack written by diffusers' / transformers' Flax classes -> ours.
+
+  transformers named list entries by a bare number (`encoder/layers/0/...`,
+  ours `encoder/layers_0/...`); diffusers' VAE attention used
+  `query/key/value/proj_attn` (`naming.legacy_flax_path`).
+  """
+  return naming.legacy_flax_path(naming.flax_module_path(".".join(path)))
+
+
 def _read_flax_msgpack(path: str, abstract_params: Params, config: str) -> dict:
   """A Flax msgpack checkpoint -> flat {Flax path: array}, fully checked."""
   with open(path, "rb") as f:
     restored = flax.serialization.msgpack_restore(f.read())
   expected = flatten_dict(abstract_params)
   flat = flatten_dict(restored)
+  if not expected.keys() >= flat.keys():
+    renamed = {_legacy_msgpack_path(k): v for k, v in flat.items()}
+    if len(renamed) == len(flat):
+      flat = renamed
   unexpected = []
   for key, value in list(flat.items()):
     if key not in expected:
@@ -453,15 +444,19 @@ def load_vae(
   variant: str | None = None,
   param_dtype: DTypeLike = jnp.float32,
   dtype: DTypeLike = jnp.float32,
-) -> tuple[FlaxAutoencoderKL, Params]:
-  """Loads `directory` (a pipeline's `vae/`) -> (Flax AutoencoderKL, params).
+) -> tuple[vae_lib.AutoencoderKL, Params]:
+  """Loads `directory` (a pipeline's `vae/`) -> (`models.vae.AutoencoderKL`, params).
 
-  The scaling factor is `vae.config.scaling_factor`. SDXL's VAE overflows in
-  float16 (its config says `force_upcast`); keep `dtype` float32 or bfloat16.
+  The scaling and shift factors are `vae.scaling_factor` / `vae.shift_factor`.
+  SDXL's VAE overflows in float16 (its config says `force_upcast`, and the
+  module then computes in float32); bfloat16 is fine.
   """
-  module, abstract, config_path = _diffusers_module(FlaxAutoencoderKL, directory, _VAE_FIXED, dtype)
+  config_path = os.path.join(directory, "config.json")
+  config = vae_lib.AutoencoderKLConfig.from_dict(_read_json(config_path), config_path)
+  module = vae_lib.AutoencoderKL(config, dtype=_as_dtype(dtype))
   path = find_weights(directory, DIFFUSERS_WEIGHTS, variant)
-  return module, load_params(path, abstract, _diffusers_rename, config_path, param_dtype)
+  params = load_params(path, module.init_abstract(), naming.torch_to_flax, config_path, param_dtype)
+  return module, params
 
 
 def load_text_encoder(
@@ -471,8 +466,8 @@ def load_text_encoder(
   variant: str | None = None,
   param_dtype: DTypeLike = jnp.float32,
   dtype: DTypeLike = jnp.float32,
-) -> tuple[Any, Params]:
-  """Loads a CLIP text encoder folder -> (Flax linen module, params).
+) -> tuple[clip.CLIPTextModel, Params]:
+  """Loads a CLIP text encoder folder -> (`models.clip` module, params).
 
   Args:
     directory: `text_encoder/` or `text_encoder_2/`.
@@ -480,33 +475,40 @@ def load_text_encoder(
       (CLIPTextModelWithProjection: its `text_embeds` are SDXL's pooled embeds).
 
   Returns:
-    The module (`FlaxCLIPTextModule` or `FlaxCLIPTextModelWithProjectionModule`,
-    called as `module.apply({"params": p}, ids, mask, positions, ...)`) and params.
+    `CLIPTextModel` or `CLIPTextModelWithProjection`, called as
+    `module.apply({"params": p}, ids, attention_mask, position_ids, output_hidden_states=...)`,
+    and its params.
   """
   config_path = os.path.join(directory, "config.json")
-  _read_json(config_path)  # A clear error for a missing file.
-  config = transformers.CLIPTextConfig.from_pretrained(directory)
-  cls = (
-    transformers.FlaxCLIPTextModelWithProjection
-    if with_projection
-    else transformers.FlaxCLIPTextModel
-  )
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    # _do_init=False: the wrapper only traces shapes (eval_shape), no random init.
-    wrapper = cls(config, dtype=_as_dtype(dtype), _do_init=False)
-  abstract = flax.core.unfreeze(wrapper.params_shape_tree)
+  config = clip.CLIPTextConfig.from_dict(_read_json(config_path), config_path)
+  cls = clip.CLIPTextModelWithProjection if with_projection else clip.CLIPTextModel
+  module = cls(config, dtype=_as_dtype(dtype))
   path = find_weights(directory, TRANSFORMERS_WEIGHTS, variant)
-  rename = _transformers_rename(wrapper.base_model_prefix)
-  return wrapper.module, load_params(path, abstract, rename, config_path, param_dtype)
+  params = load_params(path, module.init_abstract(), naming.torch_to_flax, config_path, param_dtype)
+  return module, params
 
 
-def load_tokenizer(directory: str):
-  """A `transformers.CLIPTokenizer` from a local folder (vocab.json, merges.txt)."""
-  for name in ("vocab.json", "merges.txt"):
-    if not os.path.isfile(os.path.join(directory, name)):
-      raise FileNotFoundError(f"Missing file {os.path.join(directory, name)}.")
-  return transformers.CLIPTokenizer.from_pretrained(directory)
+def load_clip(
+  directory: str,
+  *,
+  variant: str | None = None,
+  param_dtype: DTypeLike = jnp.float32,
+  dtype: DTypeLike = jnp.float32,
+) -> tuple[clip.CLIPModel, Params]:
+  """Loads a transformers `CLIPModel` folder (both towers; scorers, RPO) -> (module, params)."""
+  config_path = os.path.join(directory, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"Missing {config_path}: not a transformers CLIP model folder.")
+  config = clip.CLIPConfig.from_dict(_read_json(config_path), config_path)
+  module = clip.CLIPModel(config, dtype=_as_dtype(dtype))
+  path = find_weights(directory, TRANSFORMERS_WEIGHTS, variant)
+  params = load_params(path, module.init_abstract(), naming.torch_to_flax, config_path, param_dtype)
+  return module, params
+
+
+def load_tokenizer(directory: str) -> tokenizer_lib.CLIPTokenizer:
+  """The CLIP BPE tokenizer of a local folder (vocab.json, merges.txt, tokenizer_config.json)."""
+  return tokenizer_lib.CLIPTokenizer.from_pretrained(directory)
 
 
 def load_scheduler_config(directory: str) -> dict[str, Any]:
