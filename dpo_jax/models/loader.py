@@ -15,11 +15,12 @@ Flax models read only `.bin` (a torch pickle), and both libraries random-
 initialise the whole model first (minutes and gigabytes for the SDXL UNet),
 with transformers silently keeping random values for missing weights. Here
 tensors are read as numpy (`safetensors.numpy`; torch only for `.bin`) and fed,
-one by one, to each library's own PyTorch -> Flax rule
-(`rename_key_and_reshape_tensor`: names, conv/linear transposes) against the
-model's *abstract* parameter tree from `jax.eval_shape`. Every parameter must
-then be present with its exact shape, so a config/weights mismatch fails loudly
-with the file, key and shapes in the message.
+one by one, to a PyTorch -> Flax rule (names, conv/linear transposes) against
+the model's *abstract* parameter tree from `jax.eval_shape`: `models.naming`'s
+for our own VAE / CLIP / tokenizer (`models.vae`, `models.clip`,
+`models.tokenizer`; no diffusers or transformers code), diffusers' for the UNet.
+Every parameter must then be present with its exact shape, so a config/weights
+mismatch fails loudly with the file, key and shapes in the message.
 
 Parameters come back as plain nested dicts of jnp arrays in `param_dtype`
 (float32 by default, whatever the file stores); `dtype` is the modules'
