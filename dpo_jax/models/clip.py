@@ -39,6 +39,11 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+# Initialisers of transformers' Flax CLIP (the toy world trains a text tower from scratch).
+_INIT_001 = nn.initializers.normal(0.01)
+_INIT_002 = nn.initializers.normal(0.02)
+
+
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
   """Softmax attention, softmax in float32 (as transformers' eager CLIP attention).
 
@@ -196,11 +201,11 @@ class CLIPAttention(nn.Module):
     head_dim = self.embed_dim // self.num_heads
 
     def proj(name):
-      y = nn.Dense(self.embed_dim, dtype=self.dtype, name=name)(x)
+      y = nn.Dense(self.embed_dim, dtype=self.dtype, kernel_init=_INIT_001, name=name)(x)
       return y.reshape(b, length, self.num_heads, head_dim)
 
     out = _attention(proj("q_proj"), proj("k_proj"), proj("v_proj"), mask)
-    return nn.Dense(self.embed_dim, dtype=self.dtype, name="out_proj")(
+    return nn.Dense(self.embed_dim, dtype=self.dtype, kernel_init=_INIT_001, name="out_proj")(
       out.reshape(b, length, self.embed_dim)
     )
 
@@ -213,9 +218,9 @@ class CLIPMLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(x)
+    x = nn.Dense(self.intermediate_size, dtype=self.dtype, kernel_init=_INIT_001, name="fc1")(x)
     x = _ACTIVATIONS[self.hidden_act](x)
-    return nn.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(x)
+    return nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=_INIT_001, name="fc2")(x)
 
 
 class CLIPEncoder(nn.Module):
@@ -296,10 +301,11 @@ class _TextEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids: jax.Array, position_ids: jax.Array) -> jax.Array:
     c = self.config
-    tok = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="token_embedding")
-    pos = nn.Embed(
-      c.max_position_embeddings, c.hidden_size, dtype=self.dtype, name="position_embedding"
+    embed = lambda n, name: nn.Embed(
+      n, c.hidden_size, dtype=self.dtype, embedding_init=_INIT_001, name=name
     )
+    tok = embed(c.vocab_size, "token_embedding")
+    pos = embed(c.max_position_embeddings, "position_embedding")
     return tok(input_ids) + pos(position_ids)
 
 
@@ -387,15 +393,22 @@ class _VisionEmbeddings(nn.Module):
       padding="VALID",
       use_bias=False,
       dtype=self.dtype,
+      kernel_init=_INIT_001,
       name="patch_embedding",
     )(pixel_values.astype(self.dtype))
     b = patches.shape[0]
     patches = patches.reshape(b, -1, c.hidden_size)
-    cls = self.param("class_embedding", nn.initializers.normal(1.0), (c.hidden_size,))
+    cls = self.param("class_embedding", _INIT_002, (c.hidden_size,))
     cls = jnp.broadcast_to(cls.astype(patches.dtype), (b, 1, c.hidden_size))
     x = jnp.concatenate([cls, patches], axis=1)
     num_positions = (c.image_size // p) ** 2 + 1
-    pos = nn.Embed(num_positions, c.hidden_size, dtype=self.dtype, name="position_embedding")
+    pos = nn.Embed(
+      num_positions,
+      c.hidden_size,
+      dtype=self.dtype,
+      embedding_init=_INIT_001,
+      name="position_embedding",
+    )
     return x + pos(jnp.arange(num_positions))[None]
 
 
@@ -446,7 +459,9 @@ class CLIPModel(nn.Module):
     c = self.config
     self.text_model = CLIPTextTransformer(c.text_config, self.dtype)
     self.vision_model = CLIPVisionTransformer(c.vision_config, self.dtype)
-    dense = lambda: nn.Dense(c.projection_dim, use_bias=False, dtype=self.dtype)
+    dense = lambda: nn.Dense(
+      c.projection_dim, use_bias=False, dtype=self.dtype, kernel_init=_INIT_002
+    )
     self.text_projection = dense()
     self.visual_projection = dense()
     init = c.logit_scale_init_value
