@@ -75,6 +75,11 @@ def _config_fields(cls: type, config: Mapping[str, Any], source: str) -> dict[st
         f"{source}: {key}={config[key]!r} is not supported by dpo_jax's CLIP, which "
         f"implements only {key}=0.0 (frozen encoders run deterministically)."
       )
+  heads, width = out.get("num_attention_heads"), out.get("hidden_size")
+  if heads and width and width % heads:
+    raise ValueError(
+      f"{source}: hidden_size={width} is not divisible by num_attention_heads={heads}."
+    )
   act = out.get("hidden_act", "quick_gelu")
   if act not in _ACTIVATIONS:
     raise ValueError(
@@ -270,6 +275,11 @@ class CLIPTextTransformer(nn.Module):
   ) -> CLIPTextOutput:
     c = self.config
     length = input_ids.shape[-1]
+    if length > c.max_position_embeddings:
+      raise ValueError(
+        f"{length} tokens but the CLIP text model has max_position_embeddings="
+        f"{c.max_position_embeddings}; tokenize with max_length <= that."
+      )
     if position_ids is None:
       position_ids = jnp.arange(length)[None]
     x = _TextEmbeddings(c, self.dtype, name="embeddings")(input_ids, position_ids)
