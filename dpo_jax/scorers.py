@@ -28,9 +28,11 @@ Image preprocessing is CLIPImageProcessor's, reimplemented from the folder's
 with PIL (`resample`, bicubic in every CLIP checkpoint; this is also what
 transformers does internally for uint8 images), centre crop to `crop_size`
 (zero padding if smaller, as transformers does), `* rescale_factor` then
-`(x - image_mean) / image_std` in float32. Prompts are tokenized to the text
-model's `max_position_embeddings` (77) with truncation; padding beyond the end
-token does not change CLIP's pooled (end-token) output because of the causal mask.
+`(x - image_mean) / image_std` in float32. Prompts are tokenized by
+`models.tokenizer` (cleaned as openai/CLIP does) to the text model's
+`max_position_embeddings` (77) with truncation; padding beyond the end token
+does not change CLIP's pooled (end-token) output because of the causal mask.
+The model is `models.clip.CLIPModel`.
 """
 
 from __future__ import annotations
@@ -41,18 +43,16 @@ import json
 import math
 import os
 import re
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
-import transformers
 from PIL import Image
 
+from dpo_jax.models import clip as clip_lib
 from dpo_jax.models import loader
 
 Params = dict[str, Any]
@@ -185,17 +185,17 @@ class ClipModel:
   """A loaded transformers CLIP model folder.
 
   Attributes:
-    module: `FlaxCLIPModule` (linen); apply with `{"params": params}`.
+    module: `models.clip.CLIPModel` (linen); apply with `{"params": params}`.
     params: nested dict of arrays (`text_model`, `vision_model`,
       `text_projection`, `visual_projection`, `logit_scale`).
-    config: the `transformers.CLIPConfig`.
+    config: its `models.clip.CLIPConfig`.
     preprocessing: image preprocessing from `preprocessor_config.json`.
-    tokenizer: `CLIPTokenizer`, or None when not loaded.
+    tokenizer: `models.tokenizer.CLIPTokenizer`, or None when not loaded.
   """
 
-  module: Any
+  module: clip_lib.CLIPModel
   params: Params
-  config: transformers.CLIPConfig
+  config: clip_lib.CLIPConfig
   preprocessing: ImagePreprocessing
   tokenizer: Any = None
 
@@ -209,35 +209,21 @@ def load_clip(
 ) -> ClipModel:
   """Loads a transformers CLIP model folder into Flax (no hub, no random init).
 
-  Weights go through `dpo_jax.models.loader` (safetensors read as numpy and
-  renamed with transformers' own PyTorch -> Flax rule against the abstract
+  Weights go through `dpo_jax.models.loader.load_clip` (safetensors read as
+  numpy, PyTorch names mapped by `models.naming` against the abstract
   parameter tree), so a missing or misshapen tensor is an error naming it.
   """
   config_path = os.path.join(directory, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"Missing {config_path}: not a transformers CLIP model folder.")
-  config = transformers.CLIPConfig.from_pretrained(directory)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    # _do_init=False: only the parameter shapes are traced.
-    wrapper = transformers.FlaxCLIPModel(config, dtype=jnp.dtype(dtype), _do_init=False)
-  abstract = flax.core.unfreeze(wrapper.params_shape_tree)
-  weights = loader.find_weights(directory, loader.TRANSFORMERS_WEIGHTS)
-  # The same per-tensor rule as the pipelines' CLIP text encoders.
-  rename = loader._transformers_rename(wrapper.base_model_prefix)
-  params = loader.load_params(weights, abstract, rename, config_path, param_dtype)
+  module, params = loader.load_clip(directory, param_dtype=param_dtype, dtype=dtype)
   tokenizer = loader.load_tokenizer(directory) if with_tokenizer else None
-  return ClipModel(wrapper.module, params, config, read_preprocessing(directory), tokenizer)
+  return ClipModel(module, params, module.config, read_preprocessing(directory), tokenizer)
 
 
-def image_embeds(module: Any, params: Params, pixels: jax.Array) -> jax.Array:
+def image_embeds(module: clip_lib.CLIPModel, params: Params, pixels: jax.Array) -> jax.Array:
   """Projected CLIP image embeddings (not normalised): [B,h,w,3] NHWC -> [B,D]."""
-
-  def fn(m, px):
-    pooled = m.vision_model(pixel_values=px, deterministic=True)[1]
-    return m.visual_projection(pooled)
-
-  return module.apply({"params": params}, pixels, method=fn)
+  return module.apply({"params": params}, pixels, method="get_image_features")
 
 
 def clip_image_embedder(directory: str) -> tuple[Callable[[Params, jax.Array], jax.Array], Params]:
@@ -268,17 +254,11 @@ def clip_image_embedder(directory: str) -> tuple[Callable[[Params, jax.Array], j
   return embed, params
 
 
-def text_embeds(module: Any, params: Params, ids: jax.Array, mask: jax.Array) -> jax.Array:
+def text_embeds(
+  module: clip_lib.CLIPModel, params: Params, ids: jax.Array, mask: jax.Array
+) -> jax.Array:
   """Projected CLIP text embeddings (not normalised): ids/mask [B,L] -> [B,D]."""
-
-  def fn(m, ids, mask):
-    positions = jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape)
-    pooled = m.text_model(
-      input_ids=ids, attention_mask=mask, position_ids=positions, deterministic=True
-    )[1]
-    return m.text_projection(pooled)
-
-  return module.apply({"params": params}, ids, mask, method=fn)
+  return module.apply({"params": params}, ids, mask, method="get_text_features")
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -304,9 +284,7 @@ def pickscore_from_embeds(img: jax.Array, txt: jax.Array, logit_scale: jax.Array
 
 def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: int) -> dict[str, np.ndarray]:
   """Prompts -> {"ids", "mask"}: int32 [N, max_length], truncated and padded."""
-  out = tokenizer(
-    list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="np"
-  )
+  out = tokenizer(list(prompts), max_length=max_length)
   return {"ids": out["input_ids"].astype(np.int32), "mask": out["attention_mask"].astype(np.int32)}
 
 

@@ -10,7 +10,7 @@ format of `dpo_jax.step`:
          added_cond = {"text_embeds": bigG pooled + projection [B, 1280],
                        "time_ids": (orig_h, orig_w, crop_top, crop_left,
                                     target_h, target_w)         [B, 6]}
-  latents = VAE posterior (mean or sample) * scaling factor     [B, 4, H/8, W/8]
+  latents = (VAE posterior (mean or sample) - shift) * scaling    [B, 4, H/8, W/8]
 
 which is what `StableDiffusion(XL)Pipeline.encode_prompt` / `_get_add_time_ids`
 and the diffusers SDXL (DPO) training scripts compute (clip_skip unset).
@@ -19,8 +19,6 @@ and the diffusers SDXL (DPO) training scripts compute (clip_skip unset).
 from __future__ import annotations
 
 import functools
-import html
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,38 +26,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax.models import tokenizer as tokenizer_lib
+
+# Re-exported: CLIP's caption cleaning lives with the tokenizer.
+clip_text_clean = tokenizer_lib.clip_text_clean
+
 Params = dict[str, Any]
 
 
-def clip_text_clean(text: str) -> str:
-  """CLIP's caption normalisation, as openai/CLIP's `simple_tokenizer` and open_clip do it.
-
-  `ftfy.fix_text` (mojibake, full-width forms, curly quotes, ...), HTML
-  entities unescaped twice, whitespace runs to one space, lower case. This is
-  the text the CLIP text towers of SD1.5 / SDXL were trained on; transformers'
-  `CLIPTokenizer` quietly does something else without ftfy (a BERT-style
-  basic tokenizer: CJK split per character, quotes kept) and never unescapes
-  HTML.
-  """
-  try:
-    import ftfy
-  except ImportError:
-    raise ImportError(
-      "Tokenizing captions as CLIP does needs ftfy: `pip install 'ftfy>=6.1'` (a dependency "
-      "of dpo_jax; the official Diffusion-DPO trainer requires it too)."
-    ) from None
-  text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-  return re.sub(r"\s+", " ", text).strip().lower()
-
-
 def _clip_bpe_ids(tokenizer: Any, text: str) -> list[int]:
-  """Cleaned text -> CLIP BPE ids (no start/end tokens), with the tokenizer's own tables.
+  """Cleaned text -> CLIP BPE ids (no start/end tokens) with a transformers tokenizer's tables.
 
-  What transformers' slow `CLIPTokenizer._tokenize` does after its cleaning,
-  minus the split on added tokens that runs before it: SDXL's second
-  tokenizer registers its pad token "!" as one, so transformers turns every
-  "!" of a caption into the pad id 0, where OpenCLIP (which trained bigG)
-  gives "!</w>" (256) at a word's end.
+  For a transformers `CLIPTokenizer` handed in by code not yet on
+  `models.tokenizer` (TODO(#18): remove once dpo_jax/toy is ported); the same
+  rule as `CLIPTokenizer.text_ids`, without transformers' split on added tokens.
   """
   ids = []
   for word in tokenizer.pat.findall(text):
@@ -77,22 +57,18 @@ def tokenize(tokenizer: Any, prompts: Sequence[str]) -> np.ndarray:
   BPE, start token, at most L - 2 caption tokens (long Pick-a-Pic captions
   lose their tail), end token; then padded to L with the tokenizer's pad token
   (end-of-text for SD1.5 / SDXL's first tokenizer, "!" for SDXL's second), as
-  diffusers' pipelines pad.
+  diffusers' pipelines pad. See `models.tokenizer` for the one transformers
+  quirk (a "!" in a caption) this does not copy.
 
   Args:
-    tokenizer: transformers' slow `CLIPTokenizer` (what
-      `models.loader.load_tokenizer` returns): its vocabulary and merges are
-      used. Any other tokenizer is called on the cleaned text and applies its
-      own rules to it.
+    tokenizer: `models.tokenizer.CLIPTokenizer` (what `models.loader.load_tokenizer`
+      returns). A transformers `CLIPTokenizer` is still accepted (its tables are used).
     prompts: B captions.
   """
+  if isinstance(tokenizer, tokenizer_lib.CLIPTokenizer):
+    return tokenizer(prompts)["input_ids"]
   length = tokenizer.model_max_length
   texts = [clip_text_clean(p) for p in prompts]
-  if not all(hasattr(tokenizer, a) for a in ("pat", "bpe", "byte_encoder", "encoder")):
-    ids = tokenizer(
-      texts, padding="max_length", max_length=length, truncation=True, return_tensors="np"
-    ).input_ids
-    return ids.astype(np.int32)
   out = np.full((len(texts), length), tokenizer.pad_token_id, np.int32)
   for i, text in enumerate(texts):
     ids = _clip_bpe_ids(tokenizer, text)[: length - 2]
@@ -122,7 +98,7 @@ def encode_prompt_sd15(
   """SD1.5 context: the final (layer-normed) hidden state, and CLIP's pooled output.
 
   Args:
-    text_encoder: Flax CLIP text module (`Pipeline.text_encoder`).
+    text_encoder: `models.clip.CLIPTextModel` (`Pipeline.text_encoder`).
     params: its params.
     input_ids: [B, L] int token ids from `tokenize`.
 
@@ -197,9 +173,8 @@ def make_prompt_encoder(
   """`encode(prompts) -> (context, pooled)` for a loaded `Pipeline` (see `encode_prompt_*`).
 
   Build it once and reuse it: the encoder(s) are jitted here, closing over the
-  modules (transformers' Flax CLIP modules hold an unhashable config, so they
-  cannot be static jit arguments) with the params passed as arguments (not
-  baked into the executable as constants).
+  modules, with the params passed as arguments (not baked into the executable
+  as constants).
   """
   if pipeline.kind == "sd15":
     encode_ids = jax.jit(functools.partial(encode_prompt_sd15, pipeline.text_encoder))
@@ -231,10 +206,11 @@ def vae_encode(
   scaling_factor: float,
   rng: jax.Array | None = None,
 ) -> jax.Array:
-  """Images -> scaled latents, the UNet's x0.
+  """Images -> scaled latents, the UNet's x0: (posterior - shift_factor) * scaling_factor.
 
   Args:
-    vae: FlaxAutoencoderKL (`Pipeline.vae`).
+    vae: `models.vae.AutoencoderKL` (`Pipeline.vae`); its `shift_factor`
+      (config.json, 0 when unset as in SD1.5 / SDXL) is subtracted first.
     params: its params.
     images: [B, 3, H, W] in [-1, 1].
     scaling_factor: `Pipeline.vae_scaling_factor` (0.18215 SD1.5, 0.13025 SDXL).
@@ -246,17 +222,12 @@ def vae_encode(
   Returns:
     latents [B, C, H/f, W/f] (channels first, the batch format), f = 2^(levels-1).
   """
-  posterior = vae.apply({"params": params}, images, deterministic=True, method=vae.encode)
-  dist = posterior.latent_dist
-  latents = dist.mean if rng is None else dist.sample(rng)
-  # The Flax VAE is channels-last inside; the batch format is channels-first.
-  return jnp.transpose(latents, (0, 3, 1, 2)) * scaling_factor
+  posterior = vae.apply({"params": params}, images, method="encode")
+  latents = posterior.mode() if rng is None else posterior.sample(rng)
+  return (latents - vae.shift_factor) * scaling_factor
 
 
 def vae_decode(vae: Any, params: Params, latents: jax.Array, scaling_factor: float) -> jax.Array:
   """Scaled latents [B, C, h, w] -> images [B, 3, H, W] (roughly [-1, 1], unclipped)."""
-  # Hand the Flax VAE channels-last latents: it guesses the layout from the
-  # last axis, which is ambiguous for channels-first latents of width C.
-  latents = jnp.transpose(latents / scaling_factor, (0, 2, 3, 1))
-  out = vae.apply({"params": params}, latents, deterministic=True, method=vae.decode)
-  return out.sample
+  unscaled = latents / scaling_factor + vae.shift_factor
+  return vae.apply({"params": params}, unscaled, method="decode")

@@ -10,16 +10,15 @@ Folder layout (the hub layout; `[.V]` is the optional variant, e.g. `.fp16`):
   tokenizer/, tokenizer_2/ (SDXL): CLIP BPE files
   scheduler/scheduler_config.json
 
-Why not the libraries' own `from_pretrained(from_pt=True)`: diffusers 0.39's
-Flax models read only `.bin` (a torch pickle), and both libraries random-
-initialise the whole model first (minutes and gigabytes for the SDXL UNet),
-with transformers silently keeping random values for missing weights. Here
-tensors are read as numpy (`safetensors.numpy`; torch only for `.bin`) and fed,
-one by one, to each library's own PyTorch -> Flax rule
-(`rename_key_and_reshape_tensor`: names, conv/linear transposes) against the
-model's *abstract* parameter tree from `jax.eval_shape`. Every parameter must
-then be present with its exact shape, so a config/weights mismatch fails loudly
-with the file, key and shapes in the message.
+The models are ours (`models.unet2d`, `models.vae`, `models.clip`,
+`models.tokenizer`; no diffusers or transformers code at run time), each built
+from the folder's own config and tokenizer files. Tensors are read as numpy
+(`safetensors.numpy`; torch only for `.bin`) and fed, one by one, to the one
+PyTorch -> Flax rule (`models.naming`: names, conv/linear transposes) against
+the model's *abstract* parameter tree from `jax.eval_shape`, so nothing is
+random-initialised first (minutes and gigabytes for the SDXL UNet).
+Every parameter must then be present with its exact shape, so a config/weights
+mismatch fails loudly with the file, key and shapes in the message.
 
 Parameters come back as plain nested dicts of jnp arrays in `param_dtype`
 (float32 by default, whatever the file stores); `dtype` is the modules'
@@ -32,7 +31,6 @@ import dataclasses
 import json
 import os
 import re
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -41,20 +39,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
-import transformers
-from diffusers.models import modeling_flax_pytorch_utils as diffusers_pt_utils
-from diffusers.utils import constants as diffusers_constants
 from flax.traverse_util import flatten_dict, unflatten_dict
-from transformers import modeling_flax_pytorch_utils as transformers_pt_utils
 
 from dpo_jax import diffusion
-from dpo_jax.models import naming
+from dpo_jax.models import clip, naming
+from dpo_jax.models import tokenizer as tokenizer_lib
+from dpo_jax.models import vae as vae_lib
 from dpo_jax.models.unet import parse_dtype
 from dpo_jax.models.unet2d import UNet2DConditionModel
-
-with warnings.catch_warnings():
-  warnings.simplefilter("ignore", FutureWarning)
-  from diffusers import FlaxAutoencoderKL
 
 Params = dict[str, Any]
 DTypeLike = str | jnp.dtype | type
@@ -63,38 +55,14 @@ KINDS = ("sd15", "sdxl")
 
 # (safetensors, torch pickle, Flax msgpack) file names of each library.
 DIFFUSERS_WEIGHTS = (
-  diffusers_constants.SAFETENSORS_WEIGHTS_NAME,
-  diffusers_constants.WEIGHTS_NAME,
-  diffusers_constants.FLAX_WEIGHTS_NAME,
+  "diffusion_pytorch_model.safetensors",
+  "diffusion_pytorch_model.bin",
+  "diffusion_flax_model.msgpack",
 )
-TRANSFORMERS_WEIGHTS = (
-  transformers.utils.SAFE_WEIGHTS_NAME,
-  transformers.utils.WEIGHTS_NAME,
-  transformers.utils.FLAX_WEIGHTS_NAME,
-)
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "flax_model.msgpack")
 
-# PyTorch config fields the Flax VAE does not read, with the only value it
-# implements (hard-coded inside it). Any other value would load without error
-# and compute something else, so it is rejected instead. (The UNet is ours and
-# checks its own config: `unet2d.FIXED`.)
-_VAE_FIXED = {
-  "act_fn": "silu",
-  "use_quant_conv": True,
-  "use_post_quant_conv": True,
-  "mid_block_add_attention": True,
-  "shift_factor": None,
-  "latents_mean": None,
-  "latents_std": None,
-}
 # Non-parameter buffers that PyTorch checkpoints may carry.
 _IGNORED_BUFFERS = ("position_ids", "num_batches_tracked")
-# diffusers' rule asserts (without a message) on these attention projections.
-_DIFFUSERS_ATTENTION_NAMES = {
-  "to_q": "query",
-  "to_k": "key",
-  "to_v": "value",
-  "to_out_0": "proj_attn",
-}
 
 
 # eq=False: identity hashing/equality (comparing parameter trees by value is meaningless).
@@ -105,31 +73,31 @@ class Pipeline:
   Attributes:
     kind: "sd15" (one text encoder; SD 1.x / 2.x structure) or "sdxl".
     unet: `unet2d.UNet2DConditionModel`; apply with `{"params": unet_params}`.
-    vae: FlaxAutoencoderKL, or None for a pixel-space pipeline (`model_index.json`
+    vae: `models.vae.AutoencoderKL`, or None for a pixel-space pipeline (`model_index.json`
       lists `"vae": [null, null]`; the UNet then works on images in [-1, 1]).
-    text_encoder: Flax CLIP text module (linen), CLIP ViT-L for SD1.5 / SDXL.
-    tokenizer: transformers CLIPTokenizer of `text_encoder`.
+    text_encoder: `models.clip.CLIPTextModel`, CLIP ViT-L for SD1.5 / SDXL.
+    tokenizer: `models.tokenizer.CLIPTokenizer` of `text_encoder`.
     scheduler_config: `scheduler/scheduler_config.json` without "_" keys,
       always with "prediction_type"; feeds `diffusion.make_noise_schedule`.
     vae_scaling_factor: latents = VAE mean/sample * this (0.18215 / 0.13025;
       1.0 without a VAE).
-    text_encoder_2, tokenizer_2: SDXL's OpenCLIP bigG with projection, else None.
+    text_encoder_2, tokenizer_2: SDXL's OpenCLIP bigG (`CLIPTextModelWithProjection`), else None.
     path: the folder it came from.
   """
 
   kind: str
   unet: UNet2DConditionModel
   unet_params: Params
-  vae: FlaxAutoencoderKL | None
+  vae: vae_lib.AutoencoderKL | None
   vae_params: Params | None
-  text_encoder: Any
+  text_encoder: clip.CLIPTextModel
   text_encoder_params: Params
-  tokenizer: Any
+  tokenizer: tokenizer_lib.CLIPTokenizer
   scheduler_config: dict[str, Any]
   vae_scaling_factor: float
-  text_encoder_2: Any = None
+  text_encoder_2: clip.CLIPTextModelWithProjection | None = None
   text_encoder_2_params: Params | None = None
-  tokenizer_2: Any = None
+  tokenizer_2: tokenizer_lib.CLIPTokenizer | None = None
   path: str = ""
 
 
@@ -255,38 +223,6 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 RenameFn = Callable[[str, np.ndarray, dict], tuple[tuple[str, ...], np.ndarray]]
 
 
-def _diffusers_rename(pt_key: str, tensor: np.ndarray, expected: dict) -> tuple:
-  """diffusers' PyTorch -> Flax rule for one tensor (UNet, VAE)."""
-  pt_tuple = tuple(diffusers_pt_utils.rename_key(pt_key).split("."))
-  try:
-    return diffusers_pt_utils.rename_key_and_reshape_tensor(pt_tuple, tensor, expected)
-  except AssertionError:
-    # Raised for an attention projection whose transpose has the wrong shape;
-    # rebuild the Flax key it was mapped to so that the error can name it.
-    leaf = "kernel" if pt_tuple[-1] == "weight" else pt_tuple[-1]
-    flax_key = pt_tuple[:-2] + (_DIFFUSERS_ATTENTION_NAMES[pt_tuple[-2]], leaf)
-    return flax_key, tensor.T
-
-
-def diffusers_rename(pt_key: str, tensor: Any, expected: dict) -> tuple:
-  """Public form of the UNet / VAE rule: `(pt_key, tensor, expected) -> (Flax path, tensor)`.
-
-  `dpo_jax.export` runs it backwards (Flax -> PyTorch names and layouts).
-  """
-  return _diffusers_rename(pt_key, tensor, expected)
-
-
-def _transformers_rename(prefix: str) -> RenameFn:
-  """transformers' PyTorch -> Flax rule for one tensor (CLIP text encoders)."""
-
-  def rename(pt_key, tensor, expected):
-    return transformers_pt_utils.rename_key_and_reshape_tensor(
-      tuple(pt_key.split(".")), tensor, expected, prefix
-    )
-
-  return rename
-
-
 def _shape_error(source: str, key: str, got: tuple, flax_key: tuple, want: tuple, config: str):
   return ValueError(
     f"{source}: tensor {key!r} has shape {got} (Flax {'/'.join(flax_key)}) but the model "
@@ -340,15 +276,25 @@ def convert_pt_state_dict(
   return flat
 
 
+def _legacy_msgpack_path(path: tuple[str, ...]) -> tuple[str, ...]:
+  """A path of a msgpack written by diffusers' / transformers' Flax classes -> ours.
+
+  transformers named list entries by a bare number (`encoder/layers/0/...`,
+  ours `encoder/layers_0/...`); diffusers' VAE attention used
+  `query/key/value/proj_attn` (`naming.legacy_flax_path`).
+  """
+  return naming.legacy_flax_path(naming.flax_module_path(".".join(path)))
+
+
 def _read_flax_msgpack(path: str, abstract_params: Params, config: str) -> dict:
   """A Flax msgpack checkpoint -> flat {Flax path: array}, fully checked."""
   with open(path, "rb") as f:
     restored = flax.serialization.msgpack_restore(f.read())
   expected = flatten_dict(abstract_params)
-  # diffusers' Flax classes wrote attention projections as query/key/value/proj_attn,
-  # our models name them as PyTorch does (to_q/to_k/to_v/to_out_0).
+  # diffusers' / transformers' Flax classes wrote other names (query/key/value/
+  # proj_attn; layers/0): map a path only where the model does not expect it as is.
   flat = {
-    k if k in expected else naming.legacy_flax_path(k): v for k, v in flatten_dict(restored).items()
+    k if k in expected else _legacy_msgpack_path(k): v for k, v in flatten_dict(restored).items()
   }
   unexpected = []
   for key, value in list(flat.items()):
@@ -382,29 +328,6 @@ def load_params(
     for k, v in flat.items()
   }
   return unflatten_dict(flat)
-
-
-def _check_fixed(config: dict[str, Any], fixed: dict[str, Any], config_path: str, cls_name: str):
-  for key, value in fixed.items():
-    if key in config and config[key] != value:
-      raise ValueError(
-        f"{config_path}: {key}={config[key]!r} is not supported by {cls_name}, which "
-        f"implements only {key}={value!r}."
-      )
-
-
-def _diffusers_module(cls, directory: str, fixed: dict, dtype: DTypeLike):
-  config_path = os.path.join(directory, "config.json")
-  config = _read_json(config_path)
-  _check_fixed(config, fixed, config_path, cls.__name__)
-  # JSON lists -> tuples: keeps the module hashable, so it can be a static jit argument.
-  config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    module = cls.from_config(config, dtype=_as_dtype(dtype))
-  # Shapes only: no random initialisation of a multi-GB model.
-  abstract = jax.eval_shape(module.init_weights, jax.random.PRNGKey(0))
-  return module, flax.core.unfreeze(abstract), config_path
 
 
 def _unet_module(
@@ -456,15 +379,19 @@ def load_vae(
   variant: str | None = None,
   param_dtype: DTypeLike = jnp.float32,
   dtype: DTypeLike = jnp.float32,
-) -> tuple[FlaxAutoencoderKL, Params]:
-  """Loads `directory` (a pipeline's `vae/`) -> (Flax AutoencoderKL, params).
+) -> tuple[vae_lib.AutoencoderKL, Params]:
+  """Loads `directory` (a pipeline's `vae/`) -> (`models.vae.AutoencoderKL`, params).
 
-  The scaling factor is `vae.config.scaling_factor`. SDXL's VAE overflows in
-  float16 (its config says `force_upcast`); keep `dtype` float32 or bfloat16.
+  The scaling and shift factors are `vae.scaling_factor` / `vae.shift_factor`.
+  SDXL's VAE overflows in float16 (its config says `force_upcast`, and the
+  module then computes in float32); bfloat16 is fine.
   """
-  module, abstract, config_path = _diffusers_module(FlaxAutoencoderKL, directory, _VAE_FIXED, dtype)
+  config_path = os.path.join(directory, "config.json")
+  config = vae_lib.AutoencoderKLConfig.from_dict(_read_json(config_path), config_path)
+  module = vae_lib.AutoencoderKL(config, dtype=_as_dtype(dtype))
   path = find_weights(directory, DIFFUSERS_WEIGHTS, variant)
-  return module, load_params(path, abstract, _diffusers_rename, config_path, param_dtype)
+  params = load_params(path, module.init_abstract(), naming.torch_to_flax, config_path, param_dtype)
+  return module, params
 
 
 def load_text_encoder(
@@ -474,8 +401,8 @@ def load_text_encoder(
   variant: str | None = None,
   param_dtype: DTypeLike = jnp.float32,
   dtype: DTypeLike = jnp.float32,
-) -> tuple[Any, Params]:
-  """Loads a CLIP text encoder folder -> (Flax linen module, params).
+) -> tuple[clip.CLIPTextModel, Params]:
+  """Loads a CLIP text encoder folder -> (`models.clip` module, params).
 
   Args:
     directory: `text_encoder/` or `text_encoder_2/`.
@@ -483,33 +410,40 @@ def load_text_encoder(
       (CLIPTextModelWithProjection: its `text_embeds` are SDXL's pooled embeds).
 
   Returns:
-    The module (`FlaxCLIPTextModule` or `FlaxCLIPTextModelWithProjectionModule`,
-    called as `module.apply({"params": p}, ids, mask, positions, ...)`) and params.
+    `CLIPTextModel` or `CLIPTextModelWithProjection`, called as
+    `module.apply({"params": p}, ids, attention_mask, position_ids, output_hidden_states=...)`,
+    and its params.
   """
   config_path = os.path.join(directory, "config.json")
-  _read_json(config_path)  # A clear error for a missing file.
-  config = transformers.CLIPTextConfig.from_pretrained(directory)
-  cls = (
-    transformers.FlaxCLIPTextModelWithProjection
-    if with_projection
-    else transformers.FlaxCLIPTextModel
-  )
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    # _do_init=False: the wrapper only traces shapes (eval_shape), no random init.
-    wrapper = cls(config, dtype=_as_dtype(dtype), _do_init=False)
-  abstract = flax.core.unfreeze(wrapper.params_shape_tree)
+  config = clip.CLIPTextConfig.from_dict(_read_json(config_path), config_path)
+  cls = clip.CLIPTextModelWithProjection if with_projection else clip.CLIPTextModel
+  module = cls(config, dtype=_as_dtype(dtype))
   path = find_weights(directory, TRANSFORMERS_WEIGHTS, variant)
-  rename = _transformers_rename(wrapper.base_model_prefix)
-  return wrapper.module, load_params(path, abstract, rename, config_path, param_dtype)
+  params = load_params(path, module.init_abstract(), naming.torch_to_flax, config_path, param_dtype)
+  return module, params
 
 
-def load_tokenizer(directory: str):
-  """A `transformers.CLIPTokenizer` from a local folder (vocab.json, merges.txt)."""
-  for name in ("vocab.json", "merges.txt"):
-    if not os.path.isfile(os.path.join(directory, name)):
-      raise FileNotFoundError(f"Missing file {os.path.join(directory, name)}.")
-  return transformers.CLIPTokenizer.from_pretrained(directory)
+def load_clip(
+  directory: str,
+  *,
+  variant: str | None = None,
+  param_dtype: DTypeLike = jnp.float32,
+  dtype: DTypeLike = jnp.float32,
+) -> tuple[clip.CLIPModel, Params]:
+  """Loads a transformers `CLIPModel` folder (both towers; scorers, RPO) -> (module, params)."""
+  config_path = os.path.join(directory, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"Missing {config_path}: not a transformers CLIP model folder.")
+  config = clip.CLIPConfig.from_dict(_read_json(config_path), config_path)
+  module = clip.CLIPModel(config, dtype=_as_dtype(dtype))
+  path = find_weights(directory, TRANSFORMERS_WEIGHTS, variant)
+  params = load_params(path, module.init_abstract(), naming.torch_to_flax, config_path, param_dtype)
+  return module, params
+
+
+def load_tokenizer(directory: str) -> tokenizer_lib.CLIPTokenizer:
+  """The CLIP BPE tokenizer of a local folder (vocab.json, merges.txt, tokenizer_config.json)."""
+  return tokenizer_lib.CLIPTokenizer.from_pretrained(directory)
 
 
 def load_scheduler_config(directory: str) -> dict[str, Any]:

@@ -194,27 +194,23 @@ def plan(
 
 def _encoder_modules(kind: str, dtype: Any) -> tuple[Any, Any, Any, dict[str, Any]]:
   """(VAE, text encoder, text encoder 2 or None, abstract params) of the published pipeline."""
-  import warnings
-
-  import transformers
-  from diffusers import FlaxAutoencoderKL
+  from dpo_jax.models import clip
+  from dpo_jax.models import vae as vae_lib
 
   vae_cfg, te_cfg, te2_cfg = architectures.ENCODERS[kind]
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    vae = FlaxAutoencoderKL.from_config(dict(vae_cfg), dtype=dtype)
-    abstract = {"vae": jax.eval_shape(vae.init_weights, jax.random.PRNGKey(0))}
-    modules = []
-    for name, cfg, cls in (
-      ("text_encoder", te_cfg, transformers.FlaxCLIPTextModel),
-      ("text_encoder_2", te2_cfg, transformers.FlaxCLIPTextModelWithProjection),
-    ):
-      if cfg is None:
-        modules.append(None)
-        continue
-      wrapper = cls(transformers.CLIPTextConfig(**cfg), dtype=dtype, _do_init=False)
-      modules.append(wrapper.module)
-      abstract[name] = wrapper.params_shape_tree
+  vae = vae_lib.AutoencoderKL.from_config(dict(vae_cfg), dtype=dtype)
+  abstract = {"vae": vae.init_abstract()}
+  modules = []
+  for name, cfg, cls in (
+    ("text_encoder", te_cfg, clip.CLIPTextModel),
+    ("text_encoder_2", te2_cfg, clip.CLIPTextModelWithProjection),
+  ):
+    if cfg is None:
+      modules.append(None)
+      continue
+    module = cls.from_config(dict(cfg), dtype=dtype)
+    modules.append(module)
+    abstract[name] = module.init_abstract()
   return vae, modules[0], modules[1], abstract
 
 
