@@ -156,10 +156,25 @@ def scheduler_config(kind: str, prediction_type: str = "epsilon") -> tuple[str, 
   return class_name, {**_SCHEDULER_COMMON, **extra, "prediction_type": prediction_type}
 
 
+def bytes_to_unicode() -> dict[int, str]:
+  """openai/CLIP's byte -> printable character table (GPT-2's), for byte-level BPE.
+
+  Written out here: transformers 5 no longer exports it.
+  """
+  bs = list(range(ord("!"), ord("~") + 1))
+  bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, map(chr, cs)))
+
+
 def _train_bpe(text: str, num_merges: int) -> list[tuple[str, str]]:
   """Greedy byte-level BPE merges (most frequent pair first, ties broken by the pair)."""
-  from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
   byte_encoder = bytes_to_unicode()
   words = collections.Counter()
   for word in text.lower().split():
@@ -202,10 +217,10 @@ def write_tokenizer(directory: str, pad_token: str = "<|endoftext|>", max_length
     max_length: `model_max_length`, the padded prompt length (77 in SD).
 
   Returns:
-    The `transformers.CLIPTokenizer` read back from `directory`.
+    The `transformers.CLIPTokenizer` read back from `directory` (the slow
+    Python tokenizer in transformers 4, the `tokenizers`-backed one in 5).
   """
   from transformers import CLIPTokenizer
-  from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
   os.makedirs(directory, exist_ok=True)
   merges = _train_bpe(_CORPUS, _NUM_MERGES)
@@ -217,16 +232,28 @@ def write_tokenizer(directory: str, pad_token: str = "<|endoftext|>", max_length
   vocab = {}
   for token in tokens:
     vocab.setdefault(token, len(vocab))
-  vocab_file = os.path.join(directory, "vocab.json")
-  merges_file = os.path.join(directory, "merges.txt")
-  with open(vocab_file, "w", encoding="utf-8") as f:
+  with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
     json.dump(vocab, f, ensure_ascii=False)
-  with open(merges_file, "w", encoding="utf-8") as f:
+  with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
     f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-  tokenizer = CLIPTokenizer(
-    vocab_file, merges_file, pad_token=pad_token, model_max_length=max_length
-  )
-  tokenizer.save_pretrained(directory)  # tokenizer_config.json, special_tokens_map.json
+  # The hub checkpoints' tokenizer_config.json fields. Read through `from_pretrained`,
+  # whose file-based construction is the one API transformers 4 and 5 share (the
+  # constructor took file paths in 4 and takes the vocab itself in 5).
+  config = {
+    "tokenizer_class": "CLIPTokenizer",
+    "model_max_length": max_length,
+    "bos_token": "<|startoftext|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+    "pad_token": pad_token,
+    "do_lower_case": True,
+    "errors": "replace",
+    "add_prefix_space": False,
+  }
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  tokenizer = CLIPTokenizer.from_pretrained(directory)
+  tokenizer.save_pretrained(directory)  # The installed version's own file set.
   return CLIPTokenizer.from_pretrained(directory)
 
 
@@ -280,6 +307,25 @@ def _write_torch(kind: str, output: str, seed: int, prediction_type: str) -> Non
       scheduler=scheduler,
     )
   pipe.save_pretrained(output, safe_serialization=True)
+  _hub_text_encoder_keys(os.path.join(output, "text_encoder"))
+
+
+def _hub_text_encoder_keys(directory: str) -> None:
+  """Puts back the `text_model.` prefix that transformers 5 drops when saving `CLIPTextModel`.
+
+  transformers 5's `CLIPTextModel` holds the text transformer's modules itself
+  (4 had them under `.text_model`) and saves its keys without the prefix. The
+  SD1.5 / SDXL hub checkpoints, written by transformers 4, have it; so does
+  every file written here, whichever version runs (both versions load both).
+  """
+  import safetensors.numpy
+
+  path = os.path.join(directory, "model.safetensors")
+  state = safetensors.numpy.load_file(path)
+  if all(k.startswith("text_model.") for k in state):
+    return
+  state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
+  safetensors.numpy.save_file(state, path, metadata={"format": "pt"})
 
 
 def _random_params(abstract: Any, seed: int) -> dict[str, Any]:
@@ -310,10 +356,23 @@ def _random_params(abstract: Any, seed: int) -> dict[str, Any]:
 
 
 def _write_flax(kind: str, output: str, seed: int, prediction_type: str) -> None:
-  """Same pipeline from the Flax classes, saved as msgpack (no torch needed)."""
+  """Same pipeline from the Flax classes, saved as msgpack (no torch needed).
+
+  The Flax classes are those of diffusers < 0.40 and transformers < 5, the
+  last releases that ship them.
+  """
   import diffusers
   import jax
   import transformers
+
+  if not hasattr(diffusers, "FlaxUNet2DConditionModel") or not hasattr(
+    transformers, "FlaxCLIPTextModel"
+  ):
+    raise RuntimeError(
+      f"backend='flax' needs the Flax classes of diffusers<0.40 and transformers<5 (installed: "
+      f"diffusers {diffusers.__version__}, transformers {transformers.__version__}); use "
+      "backend='torch'."
+    )
 
   tokenizer = write_tokenizer(os.path.join(output, "tokenizer"))
   vocab_size = len(tokenizer)
