@@ -250,3 +250,51 @@ def test_load_params_for_inference_without_metadata_warning(tmp_path, caplog):
   assert meta == {"config": {}}
   np.testing.assert_array_equal(params["dense"]["kernel"], np.arange(32.0).reshape(8, 4) * 4)
   assert not [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
+
+
+def _attention_state(names, scale=1.0):
+  q, out = names
+  params = {
+    "attn1": {
+      q: {"kernel": jnp.arange(12.0).reshape(3, 4) * scale},
+      out: {"kernel": jnp.ones((4, 3)) * scale, "bias": jnp.arange(3.0)},
+    }
+  }
+  tx, _ = optim.make_optimizer(_optim("adamw"), max_steps=10)
+  opt_state = tx.init(params)
+  return {"train_state": {"step": jnp.asarray(3), "params": params, "opt_state": opt_state}}
+
+
+def test_checkpoint_with_diffusers_flax_attention_names_restores_into_ours(tmp_path, caplog):
+  d = str(tmp_path / "ckpt")
+  m = checkpoint.make_manager(d, keep=5, async_save=False)
+  old = _attention_state(("query", "proj_attn"), scale=2.0)
+  checkpoint.save(m, 3, old, {"pos": 3}, {"config": {}})
+  m.close()
+  new_abstract = _abstract(_attention_state(("to_q", "to_out_0")))
+  with caplog.at_level(logging.WARNING):
+    step, state, data = checkpoint.restore_latest_valid(
+      checkpoint.make_manager(d, keep=5), new_abstract
+    )
+  assert step == 3 and data == {"pos": 3}
+  assert "query/key/value/proj_attn" in caplog.text
+  want = _attention_state(("to_q", "to_out_0"), scale=2.0)
+  assert jax.tree.structure(state) == jax.tree.structure(want)
+  jax.tree.map(np.testing.assert_array_equal, state, want)
+  # Inference loading renames too.
+  params, _ = checkpoint.load_params_for_inference(os.path.join(d, "3"))
+  assert set(params["attn1"]) == {"to_q", "to_out_0"}
+  np.testing.assert_array_equal(
+    params["attn1"]["to_q"]["kernel"], np.arange(12.0).reshape(3, 4) * 2
+  )
+
+
+def test_other_name_changes_are_still_a_mismatch(tmp_path):
+  d = str(tmp_path / "ckpt")
+  m = checkpoint.make_manager(d, keep=5, async_save=False)
+  checkpoint.save(m, 3, _attention_state(("query", "other")), {"pos": 3}, {"config": {}})
+  m.close()
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="attn1/other"):
+    checkpoint.restore_latest_valid(
+      checkpoint.make_manager(d, keep=5), _abstract(_attention_state(("to_q", "to_out_0")))
+    )
