@@ -2,20 +2,20 @@
 
 from setuptools import find_packages, setup
 
-# Pinned to the last releases that still ship Flax models (diffusers 0.40 drops
-# them). Ranges elsewhere are the ones this tree is tested with.
+# Run time needs no diffusers / transformers / torch: the models, tokenizers and
+# schedules are our own (dpo_jax/models, dpo_jax/diffusion.py, dpo_jax/sampler.py).
+# Lower bounds are the releases this tree is tested with; no upper pins, so pip
+# resolves today's releases (jax, flax, optax, orbax move together).
 INSTALL_REQUIRES = [
-  "jax>=0.10,<0.11",
-  "flax>=0.12,<0.13",
-  "optax>=0.2.8,<0.3",
-  "orbax-checkpoint>=0.12,<0.13",
+  "jax>=0.10",
+  "flax>=0.12",
+  "optax>=0.2.8",
+  "orbax-checkpoint>=0.12",
   "chex>=0.1.92",
   "ml_collections>=1.1",
   "absl-py>=2.1",
   "clu>=0.0.12",
   "tensorboard>=2.20",
-  "diffusers==0.39.0",
-  "transformers>=4.57,<5",
   # CLIP's caption cleaning (models.conditioning.clip_text_clean), as openai/CLIP.
   "ftfy>=6.1,<7",
   "regex>=2023.0",
@@ -31,11 +31,17 @@ INSTALL_REQUIRES = [
   "matplotlib>=3.8",
 ]
 
+# PyTorch diffusers / transformers are the independent reference of the parity
+# checks (`python -m dpo_jax.tools.parity`, the tests) and write the tiny test
+# pipelines; both the last Flax releases (0.39 / 4.57) and today's work.
+_TORCH_REFERENCE = ["diffusers>=0.39", "transformers>=4.57"]
+
 EXTRAS_REQUIRE = {
-  # torch (CPU) is only needed for PyTorch parity and export tests.
-  "torch": ["torch>=2.4"],
+  # The parity tool and the PyTorch script of an exported folder.
+  "torch": ["torch>=2.4", *_TORCH_REFERENCE],
   # torch==2.13.0 resolves to the local CPU wheel on machines that ship one.
   "test": [
+    *_TORCH_REFERENCE,
     "pytest>=8",
     "pytest-xdist>=3.5",
     "portpicker>=1.6",

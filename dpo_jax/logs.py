@@ -18,15 +18,16 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def quiet_libraries() -> None:
-  """Filters orbax INFO lines and diffusers' per-module deprecation warnings.
+  """Filters orbax INFO lines, and diffusers' warnings where something imported it.
 
-  diffusers 0.39 warns "Flax classes are deprecated" on every module init; the
-  Flax classes are exactly what this project pins the version for.
+  Run time does not need diffusers; it is not imported here (seconds, and torch
+  with it) unless it already was, e.g. by the PyTorch parity tool.
   """
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from diffusers.utils import logging as diffusers_logging
+  if "diffusers" in sys.modules:
+    from diffusers.utils import logging as diffusers_logging
 
-  diffusers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
 
 
 def parse_own_flags(fv: Any, argv: Sequence[str], doc: str, required: Sequence[str]) -> Any:

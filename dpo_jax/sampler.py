@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax.diffusion import PREDICTION_TYPES
+# The training betas / alphas_cumprod: one implementation for training and sampling.
+from dpo_jax.diffusion import PREDICTION_TYPES, train_alphas_cumprod, train_betas  # noqa: F401
 
 UNetApply = Any
 # (model input x [B, C, H, W], timestep scalar) -> float32 guided prediction [B, C, H, W].
@@ -132,64 +132,6 @@ def _check_options(config: dict[str, Any], fixed: dict[str, Any], name: str) -> 
   prediction_type = config.get("prediction_type", "epsilon")
   if prediction_type not in PREDICTION_TYPES:
     raise ValueError(f"{name}: prediction_type={prediction_type!r}; expected {PREDICTION_TYPES}.")
-
-
-def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
-  """diffusers' `betas_for_alpha_bar` (squaredcos_cap_v2), computed in Python floats."""
-
-  def alpha_bar(t):
-    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-  n = num_train_timesteps
-  return np.array(
-    [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)], np.float64
-  )
-
-
-def train_betas(config: dict[str, Any]) -> np.ndarray:
-  """float32 [T] betas of the training schedule, as diffusers' PyTorch schedulers build them.
-
-  diffusers builds them with `torch.linspace(..., float32)`; with
-  `rescale_betas_zero_snr` they are then rescaled to a zero terminal SNR
-  (`rescale_zero_terminal_snr`, Lin et al. 2023), in float32 as there.
-  """
-  n = int(config.get("num_train_timesteps", 1000))
-  start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
-  schedule = config.get("beta_schedule", "linear")
-  if config.get("trained_betas") is not None:
-    betas = np.asarray(config["trained_betas"], np.float32)
-  elif schedule == "linear":
-    betas = np.linspace(start, end, n).astype(np.float32)
-  elif schedule == "scaled_linear":
-    betas = np.linspace(start**0.5, end**0.5, n).astype(np.float32) ** 2
-  elif schedule == "squaredcos_cap_v2":
-    betas = _cosine_betas(n).astype(np.float32)
-  else:
-    raise ValueError(f"beta_schedule={schedule!r} is not supported.")
-  if config.get("rescale_betas_zero_snr", False):
-    betas = _rescale_zero_terminal_snr(betas)
-  return betas
-
-
-def _cumprod(alphas: np.ndarray) -> np.ndarray:
-  # Accumulated in float64 and rounded to float32, as torch's CPU `cumprod` does.
-  return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
-
-
-def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-  """diffusers' `rescale_zero_terminal_snr`: sqrt(abar) shifted to end at 0, first value kept."""
-  one = np.float32(1.0)
-  sqrt_ac = np.sqrt(_cumprod(one - betas))
-  first, last = sqrt_ac[0], sqrt_ac[-1]
-  sqrt_ac = (sqrt_ac - last) * (first / (first - last))
-  ac = sqrt_ac**2
-  alphas = np.concatenate([ac[:1], ac[1:] / ac[:-1]])
-  return (one - alphas).astype(np.float32)
-
-
-def train_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
-  """float32 [T] cumulative alphas of the training schedule, as diffusers' PyTorch schedulers."""
-  return _cumprod(np.float32(1.0) - train_betas(config))
 
 
 def _train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:

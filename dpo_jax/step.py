@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from diffusers.schedulers.scheduling_utils_flax import CommonSchedulerState
 
 from dpo_jax import diffusion, losses
 from dpo_jax.models import unet as unet_lib
@@ -64,7 +63,7 @@ class StepSpec:
   apply_fn: Callable[..., jax.Array]
   tx: optax.GradientTransformation
   lr_fn: optax.Schedule
-  schedule: CommonSchedulerState
+  schedule: diffusion.NoiseSchedule
   objective: str
   beta: float
   prediction_type: str

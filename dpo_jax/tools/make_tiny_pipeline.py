@@ -1,4 +1,4 @@
-"""Writes a tiny random Stable Diffusion 1.5 / XL pipeline folder in diffusers format.
+"""Writes a tiny random Stable Diffusion 1.5 / 2 / XL pipeline folder in diffusers format.
 
 Usage:
   python -m dpo_jax.tools.make_tiny_pipeline --kind=sdxl --output=/tmp/tiny_sdxl [--seed=0]
@@ -7,7 +7,10 @@ The folder has every component of the real checkpoint (`model_index.json`,
 `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, and for SDXL
 `text_encoder_2/`, `tokenizer_2/`) with the real block types, attention layout
 and conditioning path, but widths of 32-80 channels so that tests and smoke
-runs need no download and run in seconds on a CPU.
+runs need no download and run in seconds on a CPU. "sd2" is SD 2.1 (768-v):
+linear projections, per-block head counts, upcast attention, an OpenCLIP-style
+text encoder and tokenizer, v-prediction with DDIM; its norm_num_groups is 16
+(32 in the real one) so that the group count is not the default.
 
 Two writers:
   torch (default when torch is importable): the components are built with the
@@ -34,7 +37,7 @@ from typing import Any
 
 from absl import app, flags
 
-KINDS = ("sd15", "sdxl")
+KINDS = ("sd15", "sd2", "sdxl")
 
 # SD1.5 and SDXL train with the same DDPM betas; the hub checkpoints ship the
 # PNDM (SD1.5) / Euler (SDXL) inference schedulers, whose configs carry them.
@@ -47,6 +50,11 @@ _SCHEDULER_COMMON = {
 }
 _SCHEDULER = {
   "sd15": ("PNDMScheduler", {"skip_prk_steps": True, "set_alpha_to_one": False}),
+  # stabilityai/stable-diffusion-2-1's scheduler.
+  "sd2": (
+    "DDIMScheduler",
+    {"clip_sample": False, "set_alpha_to_one": False},
+  ),
   "sdxl": (
     "EulerDiscreteScheduler",
     {"interpolation_type": "linear", "timestep_spacing": "leading"},
@@ -86,6 +94,19 @@ def unet_config(kind: str) -> dict[str, Any]:
       "attention_head_dim": 4,
       "cross_attention_dim": 32,
     }
+  if kind == "sd2":
+    return {
+      **_UNET_COMMON,
+      "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+      "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+      # SD2 gives per-block head counts (5, 10, 20, 20) as attention_head_dim.
+      "attention_head_dim": (2, 4),
+      "use_linear_projection": True,
+      "upcast_attention": True,
+      "norm_num_groups": 16,
+      # OpenCLIP ViT-H's width (real: 1024).
+      "cross_attention_dim": 48,
+    }
   if kind == "sdxl":
     return {
       **_UNET_COMMON,
@@ -121,7 +142,7 @@ def vae_config(kind: str) -> dict[str, Any]:
     "latent_channels": 4,
     "norm_num_groups": 32,
     "sample_size": 32,
-    "scaling_factor": 0.18215 if kind == "sd15" else 0.13025,
+    "scaling_factor": 0.13025 if kind == "sdxl" else 0.18215,
   }
 
 
@@ -129,7 +150,9 @@ def text_encoder_config(kind: str, index: int, vocab_size: int) -> dict[str, Any
   """`CLIPTextConfig` kwargs for encoder `index` (1, or 2 for SDXL's OpenCLIP bigG)."""
   if kind not in KINDS or index not in (1, 2) or (index == 2 and kind != "sdxl"):
     raise ValueError(f"No text encoder {index} in a {kind!r} pipeline.")
-  hidden = 32 if index == 1 else 48
+  # SD2's only encoder is OpenCLIP ViT-H, like SDXL's second (bigG) one.
+  openclip = index == 2 or kind == "sd2"
+  hidden = 48 if openclip else 32
   return {
     "vocab_size": vocab_size,
     "hidden_size": hidden,
@@ -140,7 +163,7 @@ def text_encoder_config(kind: str, index: int, vocab_size: int) -> dict[str, Any
     "num_attention_heads": 4,
     "max_position_embeddings": 77,
     # CLIP ViT-L uses quick_gelu, OpenCLIP bigG exact gelu.
-    "hidden_act": "quick_gelu" if index == 1 else "gelu",
+    "hidden_act": "gelu" if openclip else "quick_gelu",
     "layer_norm_eps": 1e-5,
     # The real SD configs' (legacy) token ids: eos_token_id == 2 selects pooling
     # by argmax of the ids, which is why `<|endoftext|>` must have the top id.
@@ -150,16 +173,36 @@ def text_encoder_config(kind: str, index: int, vocab_size: int) -> dict[str, Any
   }
 
 
-def scheduler_config(kind: str, prediction_type: str = "epsilon") -> tuple[str, dict[str, Any]]:
-  """(diffusers scheduler class name, config kwargs) of the checkpoint's scheduler."""
+def scheduler_config(kind: str, prediction_type: str | None = None) -> tuple[str, dict[str, Any]]:
+  """(diffusers scheduler class name, config kwargs) of the checkpoint's scheduler.
+
+  `prediction_type` None: the real checkpoint's (v_prediction for SD2, else epsilon).
+  """
   class_name, extra = _SCHEDULER[kind]
+  if prediction_type is None:
+    prediction_type = "v_prediction" if kind == "sd2" else "epsilon"
   return class_name, {**_SCHEDULER_COMMON, **extra, "prediction_type": prediction_type}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+  """openai/CLIP's byte -> printable character table (GPT-2's), for byte-level BPE.
+
+  Written out here: transformers 5 no longer exports it.
+  """
+  bs = list(range(ord("!"), ord("~") + 1))
+  bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, map(chr, cs)))
 
 
 def _train_bpe(text: str, num_merges: int) -> list[tuple[str, str]]:
   """Greedy byte-level BPE merges (most frequent pair first, ties broken by the pair)."""
-  from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
   byte_encoder = bytes_to_unicode()
   words = collections.Counter()
   for word in text.lower().split():
@@ -202,10 +245,10 @@ def write_tokenizer(directory: str, pad_token: str = "<|endoftext|>", max_length
     max_length: `model_max_length`, the padded prompt length (77 in SD).
 
   Returns:
-    The `transformers.CLIPTokenizer` read back from `directory`.
+    The `transformers.CLIPTokenizer` read back from `directory` (the slow
+    Python tokenizer in transformers 4, the `tokenizers`-backed one in 5).
   """
   from transformers import CLIPTokenizer
-  from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
   os.makedirs(directory, exist_ok=True)
   merges = _train_bpe(_CORPUS, _NUM_MERGES)
@@ -217,17 +260,33 @@ def write_tokenizer(directory: str, pad_token: str = "<|endoftext|>", max_length
   vocab = {}
   for token in tokens:
     vocab.setdefault(token, len(vocab))
-  vocab_file = os.path.join(directory, "vocab.json")
-  merges_file = os.path.join(directory, "merges.txt")
-  with open(vocab_file, "w", encoding="utf-8") as f:
+  with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
     json.dump(vocab, f, ensure_ascii=False)
-  with open(merges_file, "w", encoding="utf-8") as f:
+  with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
     f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-  tokenizer = CLIPTokenizer(
-    vocab_file, merges_file, pad_token=pad_token, model_max_length=max_length
-  )
-  tokenizer.save_pretrained(directory)  # tokenizer_config.json, special_tokens_map.json
+  # The hub checkpoints' tokenizer_config.json fields. Read through `from_pretrained`,
+  # whose file-based construction is the one API transformers 4 and 5 share (the
+  # constructor took file paths in 4 and takes the vocab itself in 5).
+  config = {
+    "tokenizer_class": "CLIPTokenizer",
+    "model_max_length": max_length,
+    "bos_token": "<|startoftext|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+    "pad_token": pad_token,
+    "do_lower_case": True,
+    "errors": "replace",
+    "add_prefix_space": False,
+  }
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  tokenizer = CLIPTokenizer.from_pretrained(directory)
+  tokenizer.save_pretrained(directory)  # The installed version's own file set.
   return CLIPTokenizer.from_pretrained(directory)
+
+
+def _pad_token(kind: str) -> str:
+  return "!" if kind == "sd2" else "<|endoftext|>"
 
 
 def _torch_available() -> bool:
@@ -238,13 +297,14 @@ def _torch_available() -> bool:
   return True
 
 
-def _write_torch(kind: str, output: str, seed: int, prediction_type: str) -> None:
+def _write_torch(kind: str, output: str, seed: int, prediction_type: str | None) -> None:
   """Builds the PyTorch pipeline and lets diffusers write it (the exact hub format)."""
   import diffusers
   import torch
   import transformers
 
-  tokenizer = write_tokenizer(os.path.join(output, "tokenizer"))
+  # OpenCLIP's tokenizer (SD2's only one, SDXL's second) pads with "!" (id 0).
+  tokenizer = write_tokenizer(os.path.join(output, "tokenizer"), pad_token=_pad_token(kind))
   vocab_size = len(tokenizer)
   torch.manual_seed(seed)
   unet = diffusers.UNet2DConditionModel(**unet_config(kind))
@@ -254,7 +314,7 @@ def _write_torch(kind: str, output: str, seed: int, prediction_type: str) -> Non
   )
   class_name, sched_kwargs = scheduler_config(kind, prediction_type)
   scheduler = getattr(diffusers, class_name)(**sched_kwargs)
-  if kind == "sd15":
+  if kind != "sdxl":
     pipe = diffusers.StableDiffusionPipeline(
       vae=vae,
       text_encoder=text_encoder,
@@ -280,6 +340,25 @@ def _write_torch(kind: str, output: str, seed: int, prediction_type: str) -> Non
       scheduler=scheduler,
     )
   pipe.save_pretrained(output, safe_serialization=True)
+  _hub_text_encoder_keys(os.path.join(output, "text_encoder"))
+
+
+def _hub_text_encoder_keys(directory: str) -> None:
+  """Puts back the `text_model.` prefix that transformers 5 drops when saving `CLIPTextModel`.
+
+  transformers 5's `CLIPTextModel` holds the text transformer's modules itself
+  (4 had them under `.text_model`) and saves its keys without the prefix. The
+  SD1.5 / SDXL hub checkpoints, written by transformers 4, have it; so does
+  every file written here, whichever version runs (both versions load both).
+  """
+  import safetensors.numpy
+
+  path = os.path.join(directory, "model.safetensors")
+  state = safetensors.numpy.load_file(path)
+  if all(k.startswith("text_model.") for k in state):
+    return
+  state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
+  safetensors.numpy.save_file(state, path, metadata={"format": "pt"})
 
 
 def _random_params(abstract: Any, seed: int) -> dict[str, Any]:
@@ -309,11 +388,26 @@ def _random_params(abstract: Any, seed: int) -> dict[str, Any]:
   return flax.traverse_util.unflatten_dict(out)
 
 
-def _write_flax(kind: str, output: str, seed: int, prediction_type: str) -> None:
-  """Same pipeline from the Flax classes, saved as msgpack (no torch needed)."""
+def _write_flax(kind: str, output: str, seed: int, prediction_type: str | None) -> None:
+  """Same pipeline from the Flax classes, saved as msgpack (no torch needed).
+
+  The Flax classes are those of diffusers < 0.40 and transformers < 5, the
+  last releases that ship them.
+  """
   import diffusers
   import jax
   import transformers
+
+  if kind == "sd2":
+    raise ValueError("kind='sd2' needs backend='torch' (the Flax UNet has 32 norm groups).")
+  if not hasattr(diffusers, "FlaxUNet2DConditionModel") or not hasattr(
+    transformers, "FlaxCLIPTextModel"
+  ):
+    raise RuntimeError(
+      f"backend='flax' needs the Flax classes of diffusers<0.40 and transformers<5 (installed: "
+      f"diffusers {diffusers.__version__}, transformers {transformers.__version__}); use "
+      "backend='torch'."
+    )
 
   tokenizer = write_tokenizer(os.path.join(output, "tokenizer"))
   vocab_size = len(tokenizer)
@@ -363,17 +457,17 @@ def make_tiny_pipeline(
   output: str,
   seed: int = 0,
   *,
-  prediction_type: str = "epsilon",
+  prediction_type: str | None = None,
   backend: str = "auto",
 ) -> str:
   """Writes a tiny random `kind` pipeline to `output` and returns `output`.
 
   Args:
-    kind: "sd15" or "sdxl".
+    kind: "sd15", "sd2" or "sdxl".
     output: folder to write (created; existing files are overwritten).
     seed: seeds the random weights (torch.manual_seed or a JAX PRNG key).
-    prediction_type: written into `scheduler/scheduler_config.json`
-      ("epsilon" as in the real checkpoints, or "v_prediction").
+    prediction_type: written into `scheduler/scheduler_config.json`; None:
+      the real checkpoint's ("v_prediction" for sd2, else "epsilon").
     backend: "torch" (safetensors via PyTorch diffusers), "flax" (msgpack), or
       "auto": torch when it is importable.
   """
@@ -396,7 +490,10 @@ def _define_flags() -> None:
   flags.DEFINE_string("output", None, "Output folder.", required=True)
   flags.DEFINE_integer("seed", 0, "Seed of the random weights.")
   flags.DEFINE_enum(
-    "prediction_type", "epsilon", ["epsilon", "v_prediction"], "Scheduler prediction type."
+    "prediction_type",
+    None,
+    ["epsilon", "v_prediction"],
+    "Scheduler prediction type (default: the real checkpoint's).",
   )
   flags.DEFINE_enum("backend", "auto", ["auto", "torch", "flax"], "Which classes write it.")
 
