@@ -1,10 +1,14 @@
-"""gs:// workdirs: metrics, config and reports go to the bucket, never to a local "gs:" folder.
+"""gs:// workdirs: metrics, config, checkpoints, TensorBoard events and reports go to
+the bucket, never to a local "gs:" folder.
 
-The bucket is faked in memory (the `memory_gcs` fixture), so a test that
-writes to it leaves the local disk untouched or fails.
+Two kinds of bucket: an fsspec in-memory fake (`memory_gcs`) for etils.epath I/O
+alone, and a local GCS server (`tests.fixtures.gcs_emulator`) that every client
+of a training run reaches: gcsfs (epath, orbax's files) and TensorStore (orbax's
+arrays). A test that writes to either leaves the local disk untouched or fails.
 """
 
 import glob
+import io
 import json
 import os
 import tempfile
@@ -44,6 +48,50 @@ def test_missing_gs_metrics_is_a_clear_error(in_tmp_cwd, memory_gcs):
   with pytest.raises(FileNotFoundError, match="gs://bucket/none/metrics.jsonl"):
     evaluate.read_metrics_jsonl("gs://bucket/none")
   assert os.listdir(in_tmp_cwd) == []
+
+
+def test_jsonl_on_a_bucket_keeps_the_rows_of_an_earlier_run(in_tmp_cwd):
+  """Object stores cannot append (gcsfs warns and truncates): a resumed run's writer
+  keeps the rows the first run wrote."""
+  with gcs_emulator() as fs:
+    for steps in ((1, 2), (3,)):
+      writer = metrics.JsonlWriter("gs://bucket/run/metrics.jsonl")
+      for step in steps:
+        writer.write_scalars(step, {"train/loss": 1.0 / step})
+      writer.close()
+    rows = [json.loads(x) for x in fs.cat("bucket/run/metrics.jsonl").splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert [r["train/loss"] for r in rows] == [1.0, 0.5, pytest.approx(1 / 3)]
+  assert os.listdir(in_tmp_cwd) == []
+
+
+def test_event_file_writer_is_read_back_by_tensorboard(tmp_path):
+  """Scalars, images and hparams written without TensorFlow, as TensorBoard loads them."""
+  from PIL import Image
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.plugins.hparams import metadata as hp_metadata
+
+  writer = metrics.EventFileWriter(str(tmp_path))
+  writer.write_hparams({"beta": 500.0, "objective": "dpo", "optim.lr": 2e-4})
+  writer.write_scalars(1, {"train/loss": np.float32(0.693), "train/lr": 0.0})
+  writer.write_scalars(2, {"train/loss": 0.5})
+  grid = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+  writer.write_images(2, {"sample_eval/grid": grid[None]})
+  writer.close()
+  acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+  acc.Reload()
+  value = lambda e: float(tensor_util.make_ndarray(e.tensor_proto))  # noqa: E731
+  loss = {e.step: value(e) for e in acc.Tensors("train/loss")}
+  assert loss == {1: pytest.approx(0.693), 2: 0.5}
+  (image,) = acc.Tensors("sample_eval/grid")
+  width, height, png = tensor_util.make_ndarray(image.tensor_proto)
+  assert (int(width), int(height), image.step) == (10, 6, 2)
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), grid)
+  assert acc.SummaryMetadata("sample_eval/grid").plugin_data.plugin_name == "images"
+  hparams = hp_metadata.parse_session_start_info_plugin_data(
+    acc.SummaryMetadata(hp_metadata.SESSION_START_INFO_TAG).plugin_data.content
+  ).hparams
+  assert hparams["beta"].number_value == 500.0 and hparams["objective"].string_value == "dpo"
 
 
 # A name found nowhere else: a local copy of the run would carry it.
