@@ -20,7 +20,7 @@ from tensorboard.util import tensor_util
 
 from dpo_jax import checkpoint, evaluate, export, metrics, trainer
 from dpo_jax.data import pickapic
-from tests.fixtures import gcs_emulator, make_train_config
+from tests.fixtures import gcs_emulator, good_rows, make_train_config, write_parquet
 
 
 @pytest.fixture
@@ -94,6 +94,18 @@ def test_event_file_writer_is_read_back_by_tensorboard(tmp_path):
   assert hparams["beta"].number_value == 500.0 and hparams["objective"].string_value == "dpo"
 
 
+def test_tfds_dir_on_gs_is_refused_before_decoding(tmp_path, memory_gcs):
+  """array_record files (TFDS's writer, grain's reader) need local file I/O: a gs://
+  tfds_dir (the default under a gs:// workdir) is a one-line error, not a failure after
+  decoding a whole split."""
+  from dpo_jax.data import build
+
+  write_parquet(str(tmp_path / "train-00000-of-00001.parquet"), good_rows(4)[0])
+  with pytest.raises(ValueError, match=r"data.tfds_dir=gs://bucket/run/tfds .*local"):
+    build.build_parallel(str(tmp_path), "gs://bucket/run/tfds", max_skip_rate=1.0)
+  assert memory_gcs.store == {}
+
+
 # A name found nowhere else: a local copy of the run would carry it.
 RUN = "dpo-e2e-7f3a"
 
@@ -141,6 +153,8 @@ def _tensorboard_scalars(fs, workdir: str, scratch) -> dict[str, dict[int, float
     acc = event_accumulator.EventAccumulator(str(local))
     acc.Reload()
     for tag in acc.Tags()["tensors"]:
+      if acc.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":
+        continue  # The hparams summary.
       for ev in acc.Tensors(tag):
         out.setdefault(tag, {})[ev.step] = float(tensor_util.make_ndarray(ev.tensor_proto))
   return out
