@@ -197,7 +197,8 @@ def test_training_run_on_gcs_leaves_nothing_local(tmp_path, monkeypatch):
     scratch.mkdir()
     board = _tensorboard_scalars(fs, f"bucket/{RUN}", scratch)
     for key, steps in curves.items():
-      assert board[key] == pytest.approx(steps, rel=1e-6), key
+      finite = {s: v for s, v in board[key].items() if np.isfinite(v)}  # As in curves.
+      assert finite == pytest.approx(steps, rel=1e-6), key
 
     # Export's view of the run: the newest step, its UNet and the model card's metrics.
     step_dir = checkpoint.resolve_step_dir(workdir)
