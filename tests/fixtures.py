@@ -14,6 +14,7 @@ import datetime
 import importlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -274,8 +275,8 @@ def fake_gcs():
   epath sends gs:// to TensorFlow's GCS client when TF is installed; here it
   takes its fsspec backend instead, with fsspec's "gs"/"gcs" protocols bound
   to a MemoryFileSystem. Yields that filesystem (its `store` maps paths to
-  files), emptied on exit. TensorBoard event files (TensorFlow) and orbax
-  checkpoints (TensorStore) use their own GCS clients, which this does not fake.
+  files), emptied on exit. orbax's arrays go through TensorStore's own GCS
+  client, which this does not fake: whole runs use `gcs_emulator`.
   """
   import fsspec
   from etils.epath import backend as epath_backend
@@ -341,6 +342,10 @@ def gcs_emulator(bucket: str = "bucket"):
       response["x-goog-generation"] = obj["generation"]
       response["x-goog-metageneration"] = obj["metageneration"]
 
+  # Every probe for an absent object (orbax, TensorStore) is an ERROR line there.
+  emulator_log = logging.getLogger("gcp_storage_emulator")
+  log_level = emulator_log.level
+  emulator_log.setLevel(logging.CRITICAL)
   port = portpicker.pick_unused_port()
   server = create_server("localhost", port, in_memory=True, default_bucket=bucket)
   server.start()
@@ -379,3 +384,4 @@ def gcs_emulator(bucket: str = "bucket"):
     EmulatedGCS.clear_instance_cache()
     objects.download = download
     server.stop()
+    emulator_log.setLevel(log_level)
