@@ -45,6 +45,10 @@ EXTRAS_REQUIRE = {
     "pytest>=8",
     "pytest-xdist>=3.5",
     "portpicker>=1.6",
+    # A local GCS server and the fsspec client that etils.epath uses with it:
+    # whole training runs on gs:// in tests/test_cloud_paths.py.
+    "gcp-storage-emulator>=2026.7,<2027",
+    "gcsfs>=2026.7,<2027",
     "ruff>=0.6",
     "torch==2.13.0",
     # Runs notebooks/sample.ipynb headless in the suite.

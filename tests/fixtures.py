@@ -14,6 +14,7 @@ import datetime
 import importlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -274,8 +275,8 @@ def fake_gcs():
   epath sends gs:// to TensorFlow's GCS client when TF is installed; here it
   takes its fsspec backend instead, with fsspec's "gs"/"gcs" protocols bound
   to a MemoryFileSystem. Yields that filesystem (its `store` maps paths to
-  files), emptied on exit. TensorBoard event files (TensorFlow) and orbax
-  checkpoints (TensorStore) use their own GCS clients, which this does not fake.
+  files), emptied on exit. orbax's arrays go through TensorStore's own GCS
+  client, which this does not fake: whole runs use `gcs_emulator`.
   """
   import fsspec
   from etils.epath import backend as epath_backend
@@ -306,3 +307,81 @@ def fake_gcs():
         registry[name] = cls
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
     FakeGCS.store.clear()
+
+
+@contextlib.contextmanager
+def gcs_emulator(bucket: str = "bucket"):
+  """A local GCS server behind every gs:// client of a training run; -> its gcsfs filesystem.
+
+  gcp-storage-emulator (pure Python, in memory) serves the GCS JSON API on a
+  free port, with `bucket` created. Each client is pointed at it the way it
+  documents:
+  - etils.epath (our files, orbax's directories and metadata): its fsspec
+    backend (`EPATH_USE_TF=false`, else gs:// goes to TensorFlow's GCS
+    client, which has no endpoint setting), i.e. gcsfs at the emulator's URL;
+  - TensorStore (orbax's arrays): `TENSORSTORE_GCS_HTTP_URL`; without
+    credentials it sends anonymous requests.
+  Nothing else reaches the network: TensorBoard events go through epath too
+  (`metrics.EventFileWriter`).
+  """
+  import fsspec
+  import gcsfs.core
+  from etils.epath import backend as epath_backend
+  from gcp_storage_emulator.handlers import objects
+  from gcp_storage_emulator.server import create_server
+
+  download = objects.download
+
+  def download_with_generation(request, response, storage, *args, **kwargs):
+    # Real GCS names an object's generation in a download's `x-goog-generation`
+    # header; TensorStore's OCDBT reads it there ("Malformed StorageGeneration"
+    # without it), and the emulator leaves it out.
+    download(request, response, storage, *args, **kwargs)
+    if response.status == 200:
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = obj["generation"]
+      response["x-goog-metageneration"] = obj["metageneration"]
+
+  # Every probe for an absent object (orbax, TensorStore) is an ERROR line there.
+  emulator_log = logging.getLogger("gcp_storage_emulator")
+  log_level = emulator_log.level
+  emulator_log.setLevel(logging.CRITICAL)
+  port = portpicker.pick_unused_port()
+  server = create_server("localhost", port, in_memory=True, default_bucket=bucket)
+  server.start()
+  url = f"http://localhost:{port}"
+
+  class EmulatedGCS(gcsfs.core.GCSFileSystem):
+    # The plain client: gcsfs's default subclass first asks a gRPC control
+    # API (which the emulator lacks) for the bucket type, with a 60 s timeout.
+    # No listings cache: TensorStore writes objects that gcsfs does not see.
+    def __init__(self, *args, **kwargs):
+      kwargs.update(token="anon", endpoint_url=url, use_listings_cache=False)
+      super().__init__(*args, **kwargs)
+
+  env = {"EPATH_USE_TF": "false", "TENSORSTORE_GCS_HTTP_URL": url, "STORAGE_EMULATOR_HOST": url}
+  saved_env = {k: os.environ.get(k) for k in env}
+  registry = importlib.import_module("fsspec.registry")._registry
+  saved = {name: registry.get(name) for name in ("gs", "gcs")}
+  os.environ.update(env)
+  objects.download = download_with_generation  # What objects.get (alt=media) calls.
+  for name in ("gs", "gcs"):
+    fsspec.register_implementation(name, EmulatedGCS, clobber=True)
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()
+  try:
+    yield EmulatedGCS()
+  finally:
+    for k, v in saved_env.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    for name, cls in saved.items():
+      registry.pop(name, None)
+      if cls is not None:
+        registry[name] = cls
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    EmulatedGCS.clear_instance_cache()
+    objects.download = download
+    server.stop()
+    emulator_log.setLevel(log_level)

@@ -120,6 +120,15 @@ def build_parallel(
     pickapic.SkipRateError: a split's defect rate exceeds `max_skip_rate`.
     RuntimeError: another process's share failed, or never started.
   """
+  if "://" in os.fspath(tfds_dir):
+    # Checked before any row is decoded: TFDS would fail only when it closes
+    # the first array_record file, after decoding a whole split.
+    raise ValueError(
+      f"data.tfds_dir={tfds_dir} (default: <workdir>/tfds, or <output>/tfds for the cache "
+      "writer) is not a local path: TFDS writes and grain reads array_record files with "
+      "local file I/O only. Set --config.data.tfds_dir to a local or mounted folder (NFS, "
+      "gcsfuse) that every process sees."
+    )
   since = time.time()
   root_s, config = build_root(parquet_dir, tfds_dir, **options)
   root = epath.Path(root_s)
@@ -201,8 +210,8 @@ def _wait_for(
       if silent:
         raise RuntimeError(
           f"No sign of data build shares {silent} in {root} after {start_timeout_s:.0f} s: "
-          "config.data.tfds_dir must be one folder every process sees (shared filesystem or "
-          "gs://), or build first with `python -m dpo_jax.data.build` on each host."
+          "config.data.tfds_dir must be one folder every process sees (a shared or mounted "
+          "filesystem), or build first with `python -m dpo_jax.data.build` on each host."
         )
     if time.time() - last_log > 300:
       waiting = [os.fspath(p) for p in paths if not p.exists()]
