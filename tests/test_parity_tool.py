@@ -1,4 +1,4 @@
-"""`python -m dpo_jax.tools.parity` on the tiny SD1.5 and SDXL pipelines.
+"""`python -m dpo_jax.tools.parity` on the tiny SD1.5, SD2-style and SDXL pipelines.
 
 Passing rows on the real folders, a failing row (exit status 1) when dpo_jax's
 weights differ from PyTorch's, and one-line usage errors (exit status 2).
@@ -27,6 +27,13 @@ def sd15_dir(tmp_path_factory):
 def sdxl_dir(tmp_path_factory):
   return make_tiny_pipeline.make_tiny_pipeline(
     "sdxl", str(tmp_path_factory.mktemp("sdxl")), seed=1, backend="torch"
+  )
+
+
+@pytest.fixture(scope="module")
+def sd2_dir(tmp_path_factory):
+  return make_tiny_pipeline.make_tiny_pipeline(
+    "sd2", str(tmp_path_factory.mktemp("sd2")), seed=2, backend="torch"
   )
 
 
@@ -64,6 +71,18 @@ def test_sdxl_unet_and_both_text_encoders_pass(sdxl_dir):
     ("text_encoder_2", "penultimate"),
     ("text_encoder_2", "text_embeds"),
   }
+  for row in rows:
+    assert row.passed and row.max_abs_diff <= 1e-4 and row.max_abs_ref > 0.1, row
+
+
+def test_sd2_unet_and_text_encoder_pass(sd2_dir):
+  """SD2-style: linear projections, per-block heads, upcast attention, 16 norm groups."""
+  rows = parity.check(sd2_dir, ["unet", "text_encoder"])
+  assert [(r.component, r.output) for r in rows] == [
+    ("unet", "sample"),
+    ("text_encoder", "last_hidden_state"),
+    ("text_encoder", "pooler_output"),
+  ]
   for row in rows:
     assert row.passed and row.max_abs_diff <= 1e-4 and row.max_abs_ref > 0.1, row
 

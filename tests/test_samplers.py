@@ -3,9 +3,9 @@
 Three levels: the schedule tables (timesteps, sigmas) against the schedulers'
 `set_timesteps`; whole sampling loops with a closed-form stand-in for the UNet
 against the schedulers' `scale_model_input` / `step`; and `sample.generate` on
-a tiny SD1.5 folder against `StableDiffusionPipeline` on the same folder and
-initial noise. Then the sharded path: 1 vs 8 devices, padding, reproducibility,
-and bfloat16 compute.
+tiny SD1.5 and SD2-style (v-prediction) folders against `StableDiffusionPipeline`
+on the same folder and initial noise. Then the sharded path: 1 vs 8 devices,
+padding, reproducibility, and bfloat16 compute.
 """
 
 from __future__ import annotations
@@ -311,6 +311,49 @@ def test_matches_diffusers_pipeline(name, tiny_sd15, pipe, torch_pipe, runs):
   assert diff < PIXEL_TOL
   # Meaningful tolerance: the same prompt with another seed differs by far more.
   assert np.abs(want[2] - want[0]).max() > 100 * PIXEL_TOL
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+  """(folder, loaded pipeline, PyTorch pipeline) of a tiny SD2-style (768-v) folder."""
+  folder = make_tiny_pipeline.make_tiny_pipeline(
+    "sd2", str(tmp_path_factory.mktemp("tiny_sd2")), seed=0, backend="torch"
+  )
+  ref = diffusers.StableDiffusionPipeline.from_pretrained(
+    folder, safety_checker=None, requires_safety_checker=False
+  )
+  ref.set_progress_bar_config(disable=True)
+  return folder, loader.load_pipeline(folder), ref
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_SCHEDULERS))
+def test_sd2_v_prediction_matches_diffusers_pipeline(name, sd2):
+  """v-prediction through whole pipelines: the folder's DDIM config, read by each scheduler.
+
+  The UNet has SD2's linear projections, per-block heads, upcast attention and
+  16 norm groups; the text encoder and tokenizer are OpenCLIP-style ("!" padding).
+  """
+  folder, pipe, ref = sd2
+  assert pipe.scheduler_config["prediction_type"] == "v_prediction"
+  with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+    ref.scheduler = TORCH_SCHEDULERS[name].from_config(json.load(f))
+  prompts, seeds = PROMPTS[:2], SEEDS[:2]
+  settings = sample.SampleSettings(STEPS, GUIDANCE, 2, scheduler=name, num_devices=1)
+  fn = sample.make_sample_fn(pipe, settings, output="float")
+  got = sample.generate(pipe, pipe.unet_params, prompts, seeds, settings, sample_fn=fn)
+  noise = sample.initial_noise(seeds, sample.latent_shape(pipe))
+  want = ref(
+    prompts,
+    num_inference_steps=STEPS,
+    guidance_scale=GUIDANCE,
+    latents=torch.from_numpy(noise.copy()),
+    output_type="np",
+  ).images
+  assert got.shape == want.shape == (2, 32, 32, 3)
+  diff = float(np.abs(got - want).max())
+  print(f"sd2 {name}: max |jax - torch| = {diff:.2e}")
+  assert diff < PIXEL_TOL
+  assert np.abs(want[1] - want[0]).max() > 100 * PIXEL_TOL
 
 
 def test_schedulers_differ_beyond_tolerance(runs):
