@@ -345,3 +345,17 @@ def test_tokenizer_missing_files_name_the_path(tmp_path):
   os.remove(tmp_path / "merges.txt")
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "merges.txt")):
     loader.load_tokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])
+def test_tokenizer_equals_openai_clip(tmp_path, pad_token):
+  """The independent openai/CLIP transcription of test_pickapic, incl. HTML and "!" captions."""
+  from tests.test_pickapic import TRICKY_CAPTIONS, _OpenAIClipTokenizer
+
+  _write_vocab(str(tmp_path), pad_token)
+  ours = loader.load_tokenizer(str(tmp_path))
+  captions = TRICKY_CAPTIONS + CAPTIONS
+  want = _OpenAIClipTokenizer(str(tmp_path)).tokenize(captions, pad_id=ours.pad_token_id)
+  got = ours(captions)["input_ids"]
+  for caption, g, w in zip(captions, got, want):
+    assert g.tolist() == w.tolist(), caption
