@@ -144,6 +144,11 @@ def images():
   return random_images()
 
 
+def _features(out):
+  """transformers 4 returns the projected features, 5 an output object holding them."""
+  return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
 def torch_embeds(model, clip_dir, images, prompts):
   """Unnormalised (image, text) embeddings by PyTorch, inputs by transformers' processors."""
   processor = transformers.CLIPImageProcessor.from_pretrained(clip_dir)
@@ -152,8 +157,10 @@ def torch_embeds(model, clip_dir, images, prompts):
   # As PickScore's example: pad to the longest prompt (not to 77 like the scorers).
   tok = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
   with torch.no_grad():
-    img = model.get_image_features(pixel_values=pixels)
-    txt = model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+    img = _features(model.get_image_features(pixel_values=pixels))
+    txt = _features(
+      model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+    )
   return img, txt
 
 
@@ -325,8 +332,10 @@ def test_rpo_clip_image_embedder_matches_torch(clip_dir, torch_clip):
   spec = scorers.read_preprocessing(clip_dir)
   normalised = ((pixels + 1) / 2 - np.asarray(spec.mean)) / np.asarray(spec.std)
   with torch.no_grad():
-    want = torch_clip.get_image_features(
-      pixel_values=torch.from_numpy(normalised.transpose(0, 3, 1, 2).astype(np.float32))
+    want = _features(
+      torch_clip.get_image_features(
+        pixel_values=torch.from_numpy(normalised.transpose(0, 3, 1, 2).astype(np.float32))
+      )
     )
   assert _max_diff(got, want) <= TOL
   # The trainer's data side gets the same embedder from config.rpo.clip_path.

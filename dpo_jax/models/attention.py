@@ -102,6 +102,7 @@ def dot_product_attention(
   implementation: str = "xla",
   *,
   is_causal: bool = False,
+  mask: jax.Array | None = None,
   scale: float | None = None,
   chunk_size: int | None = None,
 ) -> jax.Array:
@@ -113,6 +114,9 @@ def dot_product_attention(
     v: [B, Lk, heads, D] values.
     implementation: one of `IMPLEMENTATIONS` (`config.model.attention`).
     is_causal: query i attends to keys 0..i only (CLIP's text encoder).
+    mask: optional bool, broadcastable to [B, heads, Lq, Lk]; True = attend
+      (CLIP's padding mask). With a mask "chunked" runs as "xla": masks come
+      with the 77-token text encoders, where chunking saves nothing.
     scale: logit scale; None = 1 / sqrt(D).
     chunk_size: query rows per chunk for "chunked"; None = `CHUNK_SIZE`.
 
@@ -133,10 +137,12 @@ def dot_product_attention(
         f"config.model.attention='cudnn' cannot run here: {problem}. Use 'xla' or 'chunked' "
         "(any backend and dtype), or 'auto' (cuDNN only where it applies)."
       )
-  if implementation == "chunked":
+  if implementation == "chunked" and mask is None:
     return _chunked(q, k, v, scale, is_causal, chunk_size or CHUNK_SIZE)
+  if implementation == "chunked":
+    implementation = "xla"
   return jax.nn.dot_product_attention(
-    q, k, v, scale=scale, is_causal=is_causal, implementation=implementation
+    q, k, v, scale=scale, is_causal=is_causal, mask=mask, implementation=implementation
   )
 
 

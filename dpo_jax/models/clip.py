@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpo_jax.models import attention
+
 # `hidden_act` values (transformers' ACT2FN names) -> functions.
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
   "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -45,10 +47,7 @@ _INIT_002 = nn.initializers.normal(0.02)
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """Softmax attention, softmax in float32 (as transformers' eager CLIP attention).
-
-  TODO(#18): swap for `dpo_jax.models.attention` (the unet helper's one attention
-  module, with the `config.model.attention` implementations) at merge.
+  """Softmax attention with float32 logits and softmax (as transformers' eager CLIP).
 
   Args:
     q, k, v: [B, L, H, D].
@@ -57,12 +56,7 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None)
   Returns:
     [B, Lq, H, D] in q's dtype.
   """
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  return attention.dot_product_attention(q, k, v, "xla", mask=mask)
 
 
 def _config_fields(cls: type, config: Mapping[str, Any], source: str) -> dict[str, Any]:

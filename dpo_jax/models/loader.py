@@ -394,6 +394,20 @@ def load_vae(
   return module, params
 
 
+def _text_encoder_rename(pt_key: str, tensor: Any, expected: dict) -> tuple:
+  """`naming.torch_to_flax`, also for keys without the `text_model.` prefix.
+
+  transformers 5 saves a `CLIPTextModel` without it (`embeddings.token_embedding
+  .weight`); the hub checkpoints and transformers 4 have it.
+  """
+  path, value = naming.torch_to_flax(pt_key, tensor, expected)
+  if path not in expected:
+    prefixed, prefixed_value = naming.torch_to_flax("text_model." + pt_key, tensor, expected)
+    if prefixed in expected:
+      return prefixed, prefixed_value
+  return path, value
+
+
 def load_text_encoder(
   directory: str,
   *,
@@ -419,7 +433,7 @@ def load_text_encoder(
   cls = clip.CLIPTextModelWithProjection if with_projection else clip.CLIPTextModel
   module = cls(config, dtype=_as_dtype(dtype))
   path = find_weights(directory, TRANSFORMERS_WEIGHTS, variant)
-  params = load_params(path, module.init_abstract(), naming.torch_to_flax, config_path, param_dtype)
+  params = load_params(path, module.init_abstract(), _text_encoder_rename, config_path, param_dtype)
   return module, params
 
 

@@ -88,6 +88,34 @@ def _read_json(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
+def _read_bpe(directory: str) -> tuple[dict[str, int], list[tuple[str, ...]], dict[str, int]]:
+  """(vocab, merges, added tokens) from vocab.json + merges.txt, else from tokenizer.json.
+
+  The hub's SD folders have both; transformers 5 saves only tokenizer.json (the
+  `tokenizers` library's format, whose BPE model holds the same vocab and merges).
+  """
+  paths = {n: os.path.join(directory, n) for n in ("vocab.json", "merges.txt")}
+  if all(os.path.isfile(p) for p in paths.values()):
+    vocab = _read_json(paths["vocab.json"])
+    with open(paths["merges.txt"], encoding="utf-8") as f:
+      # The first line is the "#version" header; as openai/CLIP and transformers.
+      lines = f.read().strip().split("\n")[1 : _MAX_MERGES + 1]
+    return vocab, [tuple(line.split()) for line in lines], {}
+  fast = os.path.join(directory, "tokenizer.json")
+  if not os.path.isfile(fast):
+    missing = next(p for p in paths.values() if not os.path.isfile(p))
+    raise FileNotFoundError(
+      f"Missing file {missing}: a CLIP tokenizer folder needs vocab.json and merges.txt "
+      f"(or a tokenizer.json with a BPE model)."
+    )
+  model = _read_json(fast).get("model") or {}
+  if model.get("type") != "BPE" or "vocab" not in model or "merges" not in model:
+    raise ValueError(f"{fast}: expected a BPE model with vocab and merges (a CLIP tokenizer).")
+  merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+  added = {t["content"]: int(t["id"]) for t in _read_json(fast).get("added_tokens") or []}
+  return dict(model["vocab"]), merges[:_MAX_MERGES], added
+
+
 class CLIPTokenizer:
   """CLIP BPE tokenizer.
 
@@ -143,18 +171,8 @@ class CLIPTokenizer:
   def from_pretrained(cls, directory: str) -> CLIPTokenizer:
     """Reads a tokenizer folder: vocab.json, merges.txt, and when present
     tokenizer_config.json, special_tokens_map.json and added_tokens.json."""
-    paths = {n: os.path.join(directory, n) for n in ("vocab.json", "merges.txt")}
-    for path in paths.values():
-      if not os.path.isfile(path):
-        raise FileNotFoundError(
-          f"Missing file {path}: a CLIP tokenizer folder needs vocab.json and merges.txt."
-        )
-    vocab = _read_json(paths["vocab.json"])
-    with open(paths["merges.txt"], encoding="utf-8") as f:
-      # The first line is the "#version" header; as openai/CLIP and transformers.
-      lines = f.read().strip().split("\n")[1 : _MAX_MERGES + 1]
-    merges = [tuple(line.split()) for line in lines]
-    config, specials, added = {}, dict(_DEFAULT_SPECIALS), {}
+    vocab, merges, added = _read_bpe(directory)
+    config, specials = {}, dict(_DEFAULT_SPECIALS)
     config_path = os.path.join(directory, "tokenizer_config.json")
     if os.path.isfile(config_path):
       config = _read_json(config_path)

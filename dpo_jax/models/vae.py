@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpo_jax.models import attention
+
 _ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu}
 _DOWN_BLOCKS = ("DownEncoderBlock2D",)
 _UP_BLOCKS = ("UpDecoderBlock2D",)
@@ -32,15 +34,10 @@ _EPS = 1e-6
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """One-head softmax attention over [B, L, C], softmax in float32 (diffusers upcasts it).
-
-  TODO(#18): swap for `dpo_jax.models.attention` (the unet helper's one attention
-  module) at merge.
-  """
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) * scale
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bqk,bkc->bqc", weights, v)
+  """One-head attention over [B, L, C] (float32 softmax, as diffusers upcasts it)."""
+  return attention.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None], "xla")[
+    :, :, 0
+  ]
 
 
 @dataclasses.dataclass(frozen=True)

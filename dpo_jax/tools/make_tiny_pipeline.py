@@ -32,10 +32,12 @@ from __future__ import annotations
 import collections
 import json
 import os
-import warnings
 from typing import Any
 
 from absl import app, flags
+
+from dpo_jax.models import tokenizer as tokenizer_lib
+from dpo_jax.models.tokenizer import bytes_to_unicode
 
 KINDS = ("sd15", "sd2", "sdxl")
 
@@ -184,23 +186,6 @@ def scheduler_config(kind: str, prediction_type: str | None = None) -> tuple[str
   return class_name, {**_SCHEDULER_COMMON, **extra, "prediction_type": prediction_type}
 
 
-def bytes_to_unicode() -> dict[int, str]:
-  """openai/CLIP's byte -> printable character table (GPT-2's), for byte-level BPE.
-
-  Written out here: transformers 5 no longer exports it.
-  """
-  bs = list(range(ord("!"), ord("~") + 1))
-  bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-  cs = bs[:]
-  n = 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return dict(zip(bs, map(chr, cs)))
-
-
 def _train_bpe(text: str, num_merges: int) -> list[tuple[str, str]]:
   """Greedy byte-level BPE merges (most frequent pair first, ties broken by the pair)."""
   byte_encoder = bytes_to_unicode()
@@ -235,21 +220,20 @@ def _train_bpe(text: str, num_merges: int) -> list[tuple[str, str]]:
   return merges
 
 
-def write_tokenizer(directory: str, pad_token: str = "<|endoftext|>", max_length: int = 77):
-  """Writes a tiny CLIP BPE tokenizer (vocab.json, merges.txt, configs) and returns it.
+def write_tokenizer_files(
+  directory: str, pad_token: str = "<|endoftext|>", max_length: int = 77
+) -> tokenizer_lib.CLIPTokenizer:
+  """Writes a tiny CLIP BPE tokenizer (vocab.json, merges.txt, tokenizer_config.json).
+
+  No transformers needed: returns our own `models.tokenizer.CLIPTokenizer` of
+  the folder (what `models.loader.load_tokenizer` reads).
 
   Args:
     directory: output folder (created).
     pad_token: `<|endoftext|>` for SD1.5 / SDXL `tokenizer`, `!` for SDXL's
       `tokenizer_2` (OpenCLIP pads with id 0), as in the real checkpoints.
     max_length: `model_max_length`, the padded prompt length (77 in SD).
-
-  Returns:
-    The `transformers.CLIPTokenizer` read back from `directory` (the slow
-    Python tokenizer in transformers 4, the `tokenizers`-backed one in 5).
   """
-  from transformers import CLIPTokenizer
-
   os.makedirs(directory, exist_ok=True)
   merges = _train_bpe(_CORPUS, _NUM_MERGES)
   # Same id layout as CLIP: bytes, bytes + "</w>", merges, then the two specials last.
@@ -264,9 +248,7 @@ def write_tokenizer(directory: str, pad_token: str = "<|endoftext|>", max_length
     json.dump(vocab, f, ensure_ascii=False)
   with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
     f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-  # The hub checkpoints' tokenizer_config.json fields. Read through `from_pretrained`,
-  # whose file-based construction is the one API transformers 4 and 5 share (the
-  # constructor took file paths in 4 and takes the vocab itself in 5).
+  # The hub checkpoints' tokenizer_config.json fields.
   config = {
     "tokenizer_class": "CLIPTokenizer",
     "model_max_length": max_length,
@@ -280,6 +262,21 @@ def write_tokenizer(directory: str, pad_token: str = "<|endoftext|>", max_length
   }
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
     json.dump(config, f, indent=2)
+  return tokenizer_lib.CLIPTokenizer.from_pretrained(directory)
+
+
+def write_tokenizer(directory: str, pad_token: str = "<|endoftext|>", max_length: int = 77):
+  """`write_tokenizer_files`, then the folder as the installed transformers saves it.
+
+  For the PyTorch pipelines (tests, parity, benchmarks). Returns the
+  `transformers.CLIPTokenizer` read back from `directory` (the slow Python
+  tokenizer in transformers 4, the `tokenizers`-backed one in 5). Read through
+  `from_pretrained`, whose file-based construction is the one API transformers
+  4 and 5 share (the constructor took file paths in 4 and takes the vocab in 5).
+  """
+  from transformers import CLIPTokenizer
+
+  write_tokenizer_files(directory, pad_token, max_length)
   tokenizer = CLIPTokenizer.from_pretrained(directory)
   tokenizer.save_pretrained(directory)  # The installed version's own file set.
   return CLIPTokenizer.from_pretrained(directory)
@@ -388,61 +385,76 @@ def _random_params(abstract: Any, seed: int) -> dict[str, Any]:
   return flax.traverse_util.unflatten_dict(out)
 
 
-def _write_flax(kind: str, output: str, seed: int, prediction_type: str | None) -> None:
-  """Same pipeline from the Flax classes, saved as msgpack (no torch needed).
+# Weight file names of our Flax msgpack components (`models.loader` reads them).
+FLAX_WEIGHTS = {"diffusers": "diffusion_flax_model.msgpack", "transformers": "flax_model.msgpack"}
 
-  The Flax classes are those of diffusers < 0.40 and transformers < 5, the
-  last releases that ship them.
+
+def save_flax_component(
+  directory: str, library: str, class_name: str, config: dict[str, Any], params: Any
+) -> None:
+  """`config.json` (with `_class_name`) + msgpack params under our (PyTorch-key) names.
+
+  The diffusers/transformers Flax layout of a component folder, written from
+  our own modules: no diffusers or transformers needed.
   """
-  import diffusers
+  import flax
   import jax
-  import transformers
 
-  if kind == "sd2":
-    raise ValueError("kind='sd2' needs backend='torch' (the Flax UNet has 32 norm groups).")
-  if not hasattr(diffusers, "FlaxUNet2DConditionModel") or not hasattr(
-    transformers, "FlaxCLIPTextModel"
-  ):
-    raise RuntimeError(
-      f"backend='flax' needs the Flax classes of diffusers<0.40 and transformers<5 (installed: "
-      f"diffusers {diffusers.__version__}, transformers {transformers.__version__}); use "
-      "backend='torch'."
-    )
+  os.makedirs(directory, exist_ok=True)
+  meta = {"_class_name": class_name} if library == "diffusers" else {"architectures": [class_name]}
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump({**meta, **config}, f, indent=2)
+  with open(os.path.join(directory, FLAX_WEIGHTS[library]), "wb") as f:
+    f.write(flax.serialization.msgpack_serialize(jax.device_get(params)))
 
-  tokenizer = write_tokenizer(os.path.join(output, "tokenizer"))
+
+def _write_flax(kind: str, output: str, seed: int, prediction_type: str | None) -> None:
+  """Same structure from our own Flax models, saved as msgpack (no torch, diffusers or
+  transformers needed); random weights drawn in numpy (`_random_params`)."""
+  import jax
+
+  from dpo_jax.models import clip, unet2d
+  from dpo_jax.models import vae as vae_lib
+
+  tokenizer = write_tokenizer_files(os.path.join(output, "tokenizer"), pad_token=_pad_token(kind))
   vocab_size = len(tokenizer)
   index = {
-    "_class_name": "FlaxStableDiffusionPipeline"
-    if kind == "sd15"
-    else "FlaxStableDiffusionXLPipeline",
-    "_diffusers_version": diffusers.__version__,
+    "_class_name": "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline",
     "tokenizer": ["transformers", "CLIPTokenizer"],
   }
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    for offset, (name, cls, config) in enumerate(
+  components = [
+    ("unet", "diffusers", "UNet2DConditionModel", unet_config(kind), unet2d.UNet2DConditionModel),
+    ("vae", "diffusers", "AutoencoderKL", vae_config(kind), vae_lib.AutoencoderKL),
+    (
+      "text_encoder",
+      "transformers",
+      "CLIPTextModel",
+      text_encoder_config(kind, 1, vocab_size),
+      clip.CLIPTextModel,
+    ),
+  ]
+  if kind == "sdxl":
+    components.append(
       (
-        ("unet", diffusers.FlaxUNet2DConditionModel, unet_config(kind)),
-        ("vae", diffusers.FlaxAutoencoderKL, vae_config(kind)),
+        "text_encoder_2",
+        "transformers",
+        "CLIPTextModelWithProjection",
+        text_encoder_config(kind, 2, vocab_size),
+        clip.CLIPTextModelWithProjection,
       )
-    ):
-      module = cls(**config)
+    )
+    write_tokenizer_files(os.path.join(output, "tokenizer_2"), pad_token="!")
+    index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
+  for offset, (name, library, class_name, config, cls) in enumerate(components):
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+    module = cls.from_config(config)
+    if hasattr(module, "init_abstract"):
+      abstract = module.init_abstract()
+    else:  # The UNet.
       abstract = jax.eval_shape(module.init_weights, jax.random.PRNGKey(0))
-      module.save_pretrained(
-        os.path.join(output, name), params=_random_params(abstract, seed * 10 + offset)
-      )
-      index[name] = ["diffusers", cls.__name__]
-    encoders = [("text_encoder", transformers.FlaxCLIPTextModel, 1)]
-    if kind == "sdxl":
-      encoders.append(("text_encoder_2", transformers.FlaxCLIPTextModelWithProjection, 2))
-      write_tokenizer(os.path.join(output, "tokenizer_2"), pad_token="!")
-      index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
-    for name, cls, number in encoders:
-      config = transformers.CLIPTextConfig(**text_encoder_config(kind, number, vocab_size))
-      model = cls(config, _do_init=False)
-      params = _random_params(model.params_shape_tree, seed * 10 + 1 + number)
-      model.save_pretrained(os.path.join(output, name), params=params)
-      index[name] = ["transformers", cls.__name__]
+    params = _random_params(abstract, seed * 10 + offset)
+    save_flax_component(os.path.join(output, name), library, class_name, config, params)
+    index[name] = [library, class_name]
   class_name, sched_kwargs = scheduler_config(kind, prediction_type)
   index["scheduler"] = ["diffusers", class_name]
   os.makedirs(os.path.join(output, "scheduler"), exist_ok=True)
