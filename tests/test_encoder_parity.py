@@ -289,17 +289,17 @@ def _write_vocab(directory, pad_token: str):
     json.dump(vocab, f, ensure_ascii=False)
   with open(merges_file, "w", encoding="utf-8") as f:
     f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-  tok = transformers.CLIPTokenizer(
-    vocab_file, merges_file, pad_token=pad_token, model_max_length=77
-  )
-  tok.save_pretrained(directory)
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"model_max_length": 77, "pad_token": pad_token}, f)
+  # Read and saved back by the installed transformers: its own file set (4: vocab.json +
+  # merges.txt; 5: tokenizer.json), which our tokenizer must read either way.
+  transformers.CLIPTokenizer.from_pretrained(directory).save_pretrained(directory)
   return transformers.CLIPTokenizer.from_pretrained(directory)
 
 
 @pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])
 def test_tokenizer_matches_transformers(tmp_path, pad_token):
   ref = _write_vocab(str(tmp_path), pad_token)
-  assert ref.fix_text is not None  # transformers uses ftfy (else it tokenizes differently).
   ours = loader.load_tokenizer(str(tmp_path))
   assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, ours.model_max_length) == (
     ref.bos_token_id,
@@ -309,8 +309,10 @@ def test_tokenizer_matches_transformers(tmp_path, pad_token):
   )
   assert len(ours) == len(ref)
   got = ours(CAPTIONS)
-  # transformers on the raw captions (no HTML entities in them, so cleaning agrees).
-  want = ref(CAPTIONS, padding="max_length", max_length=77, truncation=True, return_tensors="np")
+  # transformers on the cleaned captions: transformers 4 cleans with ftfy as CLIP does,
+  # transformers 5 only NFC-normalises and lower-cases (ftfy's output is NFC already).
+  cleaned = [tokenizer_lib.clip_text_clean(c) for c in CAPTIONS]
+  want = ref(cleaned, padding="max_length", max_length=77, truncation=True, return_tensors="np")
   np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
   np.testing.assert_array_equal(got["attention_mask"], want["attention_mask"])
   assert got["input_ids"][-1, -1] == ref.eos_token_id  # Truncated, end-of-text kept last.
@@ -319,29 +321,49 @@ def test_tokenizer_matches_transformers(tmp_path, pad_token):
   # Merges really apply to the non-ASCII captions (not byte by byte only).
   assert len(ours.text_ids("東京の猫と犬")) < len("東京の猫と犬".encode())
   # A shorter max_length truncates and pads the same way.
-  short = ref(CAPTIONS, padding="max_length", max_length=8, truncation=True, return_tensors="np")
+  short = ref(cleaned, padding="max_length", max_length=8, truncation=True, return_tensors="np")
   np.testing.assert_array_equal(ours(CAPTIONS, max_length=8)["input_ids"], short["input_ids"])
 
 
 def test_tokenizer_html_and_the_bang_pad_quirk(tmp_path):
-  """HTML entities are unescaped (openai/CLIP); "!" stays "!</w>" with a "!" pad token."""
-  ref = _write_vocab(str(tmp_path), "!")
+  """HTML entities are unescaped (openai/CLIP); "!" stays "!</w>" with a "!" pad token
+  (transformers 4 split on its added pad token "!" and wrote the pad id instead)."""
+  _write_vocab(str(tmp_path), "!")
   ours = loader.load_tokenizer(str(tmp_path))
   caption = "tom &amp; jerry!! wow!"
-  cleaned = tokenizer_lib.clip_text_clean(caption)
-  assert cleaned == "tom & jerry!! wow!"
+  assert tokenizer_lib.clip_text_clean(caption) == "tom & jerry!! wow!"
   got = ours([caption])["input_ids"][0]
-  # transformers would split on its added pad token "!"; its BPE of each word does not.
-  body = ref.convert_tokens_to_ids(ref._tokenize(cleaned))
-  n = len(body) + 2
-  np.testing.assert_array_equal(got[:n], [ref.bos_token_id, *body, ref.eos_token_id])
-  assert ref.encoder["!</w>"] in got[:n] and ref.pad_token_id == 0 and (got[n:] == 0).all()
-  # transformers itself maps every "!" to the pad id instead.
-  assert ref.encoder["!</w>"] not in ref([caption]).input_ids[0]
+  n = int(ours([caption])["attention_mask"][0].sum())
+  assert ours.pad_token_id == 0 and (got[n:] == 0).all()
+  assert ours.encoder["!</w>"] in got[:n]
+
+
+def test_tokenizer_json_only_folder_reads_the_same(tmp_path):
+  """transformers 5 saves only tokenizer.json: the same vocabulary and merges."""
+  both = loader.load_tokenizer(make_tiny_pipeline_tokenizer(str(tmp_path / "a")))
+  folder = str(tmp_path / "b")
+  make_tiny_pipeline_tokenizer(folder)
+  vocab = json.load(open(os.path.join(folder, "vocab.json"), encoding="utf-8"))
+  with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
+    merges = f.read().strip().split("\n")[1:]
+  fast = {"model": {"type": "BPE", "vocab": vocab, "merges": [m.split() for m in merges]}}
+  with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
+    json.dump(fast, f, ensure_ascii=False)
+  os.remove(os.path.join(folder, "vocab.json"))
+  os.remove(os.path.join(folder, "merges.txt"))
+  only_json = loader.load_tokenizer(folder)
+  np.testing.assert_array_equal(only_json(CAPTIONS)["input_ids"], both(CAPTIONS)["input_ids"])
+
+
+def make_tiny_pipeline_tokenizer(directory):
+  from dpo_jax.tools.make_tiny_pipeline import write_tokenizer_files
+
+  write_tokenizer_files(directory)
+  return directory
 
 
 def test_tokenizer_missing_files_name_the_path(tmp_path):
-  _write_vocab(str(tmp_path), "<|endoftext|>")
+  make_tiny_pipeline_tokenizer(str(tmp_path))
   os.remove(tmp_path / "merges.txt")
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "merges.txt")):
     loader.load_tokenizer(str(tmp_path))
