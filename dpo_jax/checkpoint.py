@@ -13,7 +13,6 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,8 +20,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-
-from dpo_jax.models import naming
 
 ITEMS = ("state", "data", "meta")
 
@@ -233,48 +230,6 @@ def _tree_differences(stored: Any, abstract: Any) -> list[str]:
   return lines
 
 
-def _rename_keys(tree: Any, rename: Callable[[str], str]) -> Any:
-  """Renames every dict key of a serialized (dicts and lists only) tree."""
-  if isinstance(tree, dict):
-    return {rename(k): _rename_keys(v, rename) for k, v in tree.items()}
-  if isinstance(tree, list | tuple):
-    return [_rename_keys(v, rename) for v in tree]
-  return tree
-
-
-_FROM_LEGACY = naming.LEGACY_ATTENTION_NAMES
-_TO_LEGACY = {v: k for k, v in _FROM_LEGACY.items()}
-
-
-def _is_legacy_naming(stored: Any, abstract: Any) -> bool:
-  """True when the stored tree is `abstract` under diffusers-Flax attention names.
-
-  dpo_jax wrote its UNet with diffusers' Flax class until it owned its models;
-  that class named attention projections query/key/value/proj_attn where ours
-  follow the PyTorch keys (to_q/to_k/to_v/to_out_0, see models.naming).
-  """
-  renamed = _rename_keys(stored, lambda k: _FROM_LEGACY.get(k, k))
-  return not _tree_differences(renamed, abstract)
-
-
-def _restore_legacy(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
-  """Restores a step written with legacy names into `abstract_state`'s names and structure."""
-  serial = ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True)
-  target = _rename_keys(serial, lambda k: _TO_LEGACY.get(k, k))
-  restored = manager.restore(
-    step,
-    args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
-  )
-  state = _rename_keys(restored.state, lambda k: _FROM_LEGACY.get(k, k))
-  logging.warning(
-    "Checkpoint step %d uses the attention names of diffusers' Flax UNet "
-    "(query/key/value/proj_attn); restored them as to_q/to_k/to_v/to_out_0. The next "
-    "save writes the new names.",
-    step,
-  )
-  return ocp.tree.deserialize_tree(state, abstract_state), restored.data
-
-
 def _stored_optim(step_dir: epath.Path) -> str:
   """The `config.optim` the checkpoint was written with, for the error message."""
   try:
@@ -345,14 +300,6 @@ def restore_latest_valid(
         backoff_s,
       )
       diff = _tree_differences(stored, abstract_state)
-      if diff and _is_legacy_naming(stored, abstract_state):
-        state, data = _with_retries(
-          functools.partial(_restore_legacy, manager, step, abstract_state),
-          what,
-          retries,
-          backoff_s,
-        )
-        return step, state, dict(data)
       if diff:
         raise CheckpointMismatchError(
           f"{what} holds another state tree than this config builds (optimizer, clip_norm or "
@@ -453,5 +400,4 @@ def load_params_for_inference(path: str) -> tuple[Any, dict[str, Any]]:
   restored = ocp.StandardCheckpointHandler().restore(
     step_dir / "state", args=ocp.args.StandardRestore(abstract)
   )
-  params = _rename_keys(restored["train_state"]["params"], lambda k: _FROM_LEGACY.get(k, k))
-  return params, meta
+  return restored["train_state"]["params"], meta
