@@ -191,6 +191,9 @@ def test_attention_implementations_agree_with_numpy(is_causal):
   for impl, kw in (("xla", {}), ("auto", {}), ("chunked", {"chunk_size": 10})):
     got = attention_lib.dot_product_attention(q, k, v, impl, is_causal=is_causal, **kw)
     np.testing.assert_allclose(got, want, atol=1e-5, err_msg=impl)
+  # "xla" is JAX's own XLA attention, written out (faster on XLA:CPU).
+  jax_nn = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="xla")
+  np.testing.assert_allclose(jax_nn, want, atol=1e-5)
 
 
 def test_chunked_attention_gradients_match_xla():

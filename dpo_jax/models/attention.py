@@ -3,9 +3,12 @@
 `config.model.attention` picks how softmax(q k^T * scale) v is computed; the
 result is the same up to rounding, so the choice is about speed and memory:
 
-  xla      `jax.nn.dot_product_attention(implementation="xla")`: plain einsum
-           attention that XLA fuses; works everywhere, stores the whole
-           [B, heads, Lq, Lk] probability matrix for the backward pass.
+  xla      plain attention (two einsums and a softmax) that XLA compiles and
+           fuses; works everywhere, stores the whole [B, heads, Lq, Lk]
+           probability matrix for the backward pass. The same math as
+           `jax.nn.dot_product_attention(implementation="xla")`, whose
+           grouped-query reshape to 5-D dot products XLA:CPU runs 1.8x slower
+           (fwd+bwd of [8, 1024, 8, 8], measured), so it is written out here.
   cudnn    `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN flash
            attention. NVIDIA GPU only, bfloat16/float16 only, head dim <= 128
            and a multiple of 8 (e.g. not the VAE's 512-wide single head).
@@ -18,7 +21,7 @@ result is the same up to rounding, so the choice is about speed and memory:
            xla elsewhere, decided per call from the shapes.
 
 Every implementation accumulates q k^T in float32 and does the softmax in
-float32 (JAX's xla and cudnn paths always do; the chunked path here too), which
+float32 (cuDNN always does; the xla and chunked paths here too), which
 is what diffusers' `upcast_attention=True` asks for, so that field needs no
 extra work and `False` loses nothing.
 
@@ -135,9 +138,11 @@ def dot_product_attention(
       )
   if implementation == "chunked":
     return _chunked(q, k, v, scale, is_causal, chunk_size or CHUNK_SIZE)
-  return jax.nn.dot_product_attention(
-    q, k, v, scale=scale, is_causal=is_causal, implementation=implementation
-  )
+  if implementation == "cudnn":
+    return jax.nn.dot_product_attention(
+      q, k, v, scale=scale, is_causal=is_causal, implementation="cudnn"
+    )
+  return _plain(q, k, v, scale, is_causal, 0)
 
 
 class Attention(nn.Module):
