@@ -240,3 +240,51 @@ def test_bf16_cache_on_gs_trains_rpo_without_encoders(world, memory_gcs, tmp_pat
   # The cached features give distinct pairs: each row spreads weight over a few.
   assert 1.0 < history[0]["rpo_neighbours"] < config.data.global_batch_size
   assert 0.0 < result["eval"]["rpo_offdiag_weight"] < 1.0
+
+
+def test_two_processes_write_the_cache_one_process_writes(world, tmp_path):
+  """`python -m dpo_jax.data.cache` as two processes of one jax.distributed job: both
+  build their share of the dataset and of the shards (no race), and the cache equals the
+  one-process cache of the `world` fixture, array for array."""
+  import sys
+
+  from tests.fixtures import REPO, _run_pair
+
+  config, _, one_dir, _, _ = world
+  two_dir = str(tmp_path / "two")
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  overrides = {
+    "pretrained_path": config.pretrained_path,
+    "data.path": config.data.path,
+    "data.tfds_dir": str(tmp_path / "tfds"),
+    "data.resolution": 32,
+    "data.random_crop": False,
+    "data.flip": "none",
+    "rpo.clip_path": config.rpo.clip_path,
+    "precision.compute_dtype": "float32",
+    "precision.ref_dtype": "float32",
+  }
+
+  def command(pid, port):
+    args = [sys.executable, "-m", "dpo_jax.data.cache", "--config=configs/sd15.py"]
+    args += [f"--config.{k}={v}" for k, v in overrides.items()]
+    args += [f"--output={two_dir}", "--shard_size=8", f"--encode_batch={ENCODE_BATCH}"]
+    args += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    return args + [f"--process_id={pid}"], env
+
+  _run_pair(command, timeout=400)
+  for split in ("train", "validation_unique"):
+    one, _, info_one = cache.read_cache(one_dir, split)
+    two, uncond_two, info_two = cache.read_cache(two_dir, split)
+    assert set(one) == set(two) and len(two["latents_w"]) == len(one["latents_w"])
+    rows = np.arange(len(one["latents_w"]))
+    for k in one:
+      np.testing.assert_array_equal(two[k][rows], one[k][rows], err_msg=k)
+  assert info_two["splits"] == info_one["splits"] == {"train": 20, "validation_unique": 8}
+  # Both processes wrote shards: process 1 took shard 1 of train.
+  assert sorted(os.listdir(os.path.join(two_dir, "train"))) == [
+    "shard-00000",
+    "shard-00001",
+    "shard-00002",
+  ]
