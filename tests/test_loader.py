@@ -284,7 +284,8 @@ def test_msgpack_roundtrip(sd15, sd15_dir, tmp_path):
     f.write(flax.serialization.to_bytes(sd15.unet_params))
   _, params = loader.load_unet(unet_dir)
   _assert_trees_equal(params, sd15.unet_params)
-  # diffusers' Flax UNet wrote the attention projections as query/key/value/proj_attn.
+  # A msgpack with diffusers-Flax's other attention names (its VAE's
+  # query/key/value/proj_attn) maps to ours too.
   old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"}
   flat = flax.traverse_util.flatten_dict(sd15.unet_params)
   legacy = {tuple(old.get(p, p) for p in k): v for k, v in flat.items()}

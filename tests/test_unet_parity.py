@@ -191,6 +191,9 @@ def test_attention_implementations_agree_with_numpy(is_causal):
   for impl, kw in (("xla", {}), ("auto", {}), ("chunked", {"chunk_size": 10})):
     got = attention_lib.dot_product_attention(q, k, v, impl, is_causal=is_causal, **kw)
     np.testing.assert_allclose(got, want, atol=1e-5, err_msg=impl)
+  # "xla" is JAX's own XLA attention, written out (faster on XLA:CPU).
+  jax_nn = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="xla")
+  np.testing.assert_allclose(jax_nn, want, atol=1e-5)
 
 
 def test_chunked_attention_gradients_match_xla():
@@ -259,3 +262,19 @@ def test_config_quirks_and_bookkeeping():
   assert to_q["kernel"].shape == (32, 32) and "bias" not in to_q
   with pytest.raises(ValueError, match="3 attention heads do not divide"):
     unet2d.UNet2DConditionModel.from_config({**BASE, "attention_head_dim": 3})
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_old_diffusers_flax_tree_is_ours(name):
+  """Checkpoints written with diffusers' Flax UNet restore into ours as they are:
+  its UNet already named attention to_q/to_k/to_v/to_out_0 (only its VAE used
+  query/key/value/proj_attn), and every other path and shape is the same."""
+  if not hasattr(diffusers, "FlaxUNet2DConditionModel"):
+    pytest.skip("diffusers >= 0.40 has no Flax UNet to compare with")
+  from flax.traverse_util import flatten_dict
+
+  old_module = diffusers.FlaxUNet2DConditionModel(**CONFIGS[name])
+  old = flatten_dict(jax.eval_shape(old_module.init_weights, jax.random.PRNGKey(0)))
+  ours = unet2d.UNet2DConditionModel.from_config(CONFIGS[name])
+  new = flatten_dict(jax.eval_shape(ours.init_weights, jax.random.PRNGKey(0)))
+  assert {k: v.shape for k, v in old.items()} == {k: v.shape for k, v in new.items()}

@@ -32,6 +32,7 @@ __all__ = [
   "DTYPES",
   "REMAT_POLICIES",
   "UNet2DConditionModel",
+  "attention_from_config",
   "init_unet_params",
   "make_unet_apply",
   "parse_dtype",

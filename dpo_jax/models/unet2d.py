@@ -420,8 +420,11 @@ class UNet2DConditionModel(nn.Module):
   Field semantics follow diffusers, including its naming quirk: when
   `num_attention_heads` is None, `attention_head_dim` is the number of heads
   per block (SD 1.x/2.x/XL configs all rely on this); a head's width is then
-  the block's channels / heads. Per-block fields are an int/bool or one value
-  per down block (the up blocks take them in reverse order).
+  the block's channels / heads. (PyTorch diffusers refuses a non-None
+  `num_attention_heads`; here it means the number of heads, as its name says.)
+  Per-block fields are an int/bool or one value per down block (the up blocks
+  take them in reverse order). `upcast_attention` needs no code: every
+  `models.attention` implementation does the softmax in float32 anyway.
 
   Extra fields (how to compute, not architecture):
     attention: `models.attention` implementation (`config.model.attention`).
