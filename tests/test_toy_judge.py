@@ -108,3 +108,33 @@ def test_attribute_scorers_are_registered(ground_truth):
     np.testing.assert_array_equal(
       scorer(list(images), [s.text for s in lies]), judge.accuracy(images, lies)[metric]
     )
+
+
+def test_attribute_summary_table_and_grid(ground_truth):
+  """A model drawing everything in the wrong quadrant vs one drawing it right: +100 points."""
+  from dpo_jax.toy import grid, run
+
+  specs, images = ground_truth
+  specs, images = specs[:96], images[:96]  # 48 prompts x 2 seeds, seed-major
+  order = np.argsort([world.all_specs().index(s) for s in specs], kind="stable")
+  specs, images = [specs[i] for i in order], images[order]  # prompt-major, as the toy grid
+  moved = [
+    dataclasses.replace(s, quadrant=[q for q in world.QUADRANTS if q != s.quadrant][0])
+    for s in specs
+  ]
+  wrong = world.render_batch(moved, seed=9)
+  scored = {"base": (wrong, np.zeros(96)), "dpo": (images, np.ones(96))}
+  out = run.summarize_attributes(scored, specs, "base")
+  assert out["base"]["quadrant"]["rate"] == 0.0 and out["base"]["colour"]["rate"] == 1.0
+  vs = out["dpo"]["all_three"]["vs_base"]
+  assert out["dpo"]["all_three"]["rate"] == 1.0 and vs["mean_diff"] == 1.0
+  assert vs["mean_diff_ci_low"] == 1.0 and "vs_base" not in out["base"]["all_three"]
+  table = run.format_attribute_table({"heldout_prompts": out})
+  assert "| heldout prompts | dpo | 100.0 % | 100.0 % | 100.0 % | 100.0 % [100.0, 100.0] " in table
+  assert "| +100.0 [+100.0, +100.0] | 0.0 % |" in table
+  picture = grid.annotated_grid(scored, specs, num_prompts=48, seeds_per_prompt=2, columns=2)
+  assert picture.dtype == np.uint8 and picture.ndim == 3
+  # The dpo block's first tile is the first image enlarged 4x, in place.
+  block_x = grid._LABEL_W + 2 * (16 * grid.SCALE + grid._PAD) + grid._BLOCK_GAP
+  tile = picture[grid._HEADER_H : grid._HEADER_H + 64, block_x : block_x + 64]
+  np.testing.assert_array_equal(tile, images[0].repeat(4, axis=0).repeat(4, axis=1))
