@@ -31,7 +31,9 @@ def toy_settings() -> ml_collections.ConfigDict:
   t.base_steps = 1000
   t.base_batch_size = 32
   t.base_lr = 1e-3
+  t.base_text_lr_mult = 1.0  # The text encoder's lr = base_lr * this.
   t.corrupt_frac = 0.3  # Captions lying about colour or position.
+  t.clean_frac = 0.0  # The first clean_frac of the base steps use uncorrupted captions.
   t.drop_frac = 0.1  # Empty captions (classifier-free guidance).
   # Preference pairs: every within-prompt pair of `pair_seeds` base samples.
   t.pair_seeds = 16

@@ -516,8 +516,18 @@ def _toy_reward(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
   return reward.reward(images, [world.parse_prompt(p) for p in prompts])
 
 
+def _toy_attribute(metric: str) -> Callable[[np.ndarray, Sequence[str]], np.ndarray]:
+  def fn(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+    from dpo_jax.toy import judge, world
+
+    return judge.accuracy(images, [world.parse_prompt(p) for p in prompts])[metric]
+
+  return fn
+
+
 def _model_free() -> dict[str, FunctionScorer]:
-  """Scorers that need no weights: the style metrics (`data.style`) and the toy reward."""
+  """Scorers that need no weights: the style metrics (`data.style`), the toy reward and
+  the toy judge's 0 / 1 attribute scores (`toy_colour`, ..., `toy_all_three`, `toy_blank`)."""
   from dpo_jax.data import style
 
   out = {
@@ -525,6 +535,8 @@ def _model_free() -> dict[str, FunctionScorer]:
     for name, s in style.STYLES.items()
   }
   out["toy_reward"] = FunctionScorer("toy_reward", _toy_reward, True)
+  for metric in ("colour", "quadrant", "shape", "all_three", "blank"):  # toy.judge.METRICS
+    out[f"toy_{metric}"] = FunctionScorer(f"toy_{metric}", _toy_attribute(metric), True)
   return out
 
 

@@ -20,11 +20,11 @@ def test_reduced_toy_run_dpo_raises_train_prompt_reward(tmp_path):
   A reduced version of `python -m dpo_jax.toy`: fewer pretraining steps,
   seeds and DPO steps, through the same code path (parquet -> TFDS -> grain ->
   trainer). The assertion is the direction: DPO raises the mean reward of the
-  training prompts on fresh seeds.
+  training prompts on fresh seeds (the judge's attribute rates are printed).
   """
   from configs import toy as toy_config
   from dpo_jax import checkpoint, trainer
-  from dpo_jax.toy import run
+  from dpo_jax.toy import judge, run
 
   c = toy_config.get_config()
   c.unlock()
@@ -61,6 +61,17 @@ def test_reduced_toy_run_dpo_raises_train_prompt_reward(tmp_path):
   base_r, dpo_r = scored["base"][1], scored["dpo"][1]
   print(f"reduced toy run: base {base_r.mean():.3f} -> dpo {dpo_r.mean():.3f}")
   assert dpo_r.mean() > base_r.mean() + 0.02, (base_r.mean(), dpo_r.mean())
+  # The judge's view, printed but not asserted: issue #17 asks this test to
+  # assert that DPO raises the share of attributes drawn right, but at this
+  # reduced scale (100-step base, 30 DPO steps) it does not (measured: 31.9 % ->
+  # 31.9 % with the 2-level UNet, 33.3 % -> 30.6 % with the 3-level one), while
+  # the reward rises by ~0.3: the gain is stray ink, not attributes. Asserting
+  # it needs a reduced base that already follows the words; see TOY_RESULTS.md.
+  grid = run.grid_specs(run.pair_prompts(c.toy), range(REDUCED["eval_seeds"]))[0]
+  acc = {k: judge.accuracy(v[0], grid) for k, v in scored.items()}
+  attrs = ("colour", "quadrant", "shape")
+  right = {k: float(np.mean([a[m].mean() for m in attrs])) for k, a in acc.items()}
+  print("reduced toy run, attributes right:", right, [a["all_three"].mean() for a in acc.values()])
 
   # Style alignment on the same base: DPO on (amber duotone > original) pairs
   # built from the pairs' images moves fresh samples toward the palette.

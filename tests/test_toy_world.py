@@ -165,11 +165,39 @@ def test_wrong_shape_scores_lower_on_average(ground_truth):
   assert (reward_terms(images, specs)["shape"] > 0).mean() > 0.98
 
 
-def test_black_image_scores_clearly_lower(ground_truth):
+def test_blank_and_near_blank_score_below_every_wrong_place_drawing(ground_truth):
+  """A blank or near-blank image never beats the right colour and shape in a wrong quadrant.
+
+  Without the missing-ink term a blank image scored 0, far above a mislocated
+  drawing (~-0.9), so drawing nothing paid.
+  """
   specs, images = ground_truth
-  black = reward(np.zeros_like(images), specs)
-  np.testing.assert_allclose(black, 0.0, atol=1e-9)
-  assert (reward(images, specs) - black > 0.5).all()
+  # Every prompt's colour and shape drawn (jittered) in each of its three wrong quadrants.
+  rng_specs = [
+    dataclasses.replace(s, quadrant=q) for s in specs for q in world.QUADRANTS if q != s.quadrant
+  ]
+  wrong_place = world.render_batch(rng_specs, seed=5)
+  prompt_of = [s for s in specs for _ in range(3)]
+  worst = reward(wrong_place, prompt_of).reshape(len(specs), 3).min(axis=1)  # [N]
+  assert worst.max() < -0.5  # Sanity: these really are bad drawings.
+  x = images.astype(np.float64) / 255.0
+  dot = np.zeros_like(x)
+  for i, s in enumerate(specs):  # One fully lit pixel of the right colour, right quadrant.
+    r0, _, c0, _ = world.quadrant_box(s.quadrant, 16)
+    dot[i, r0 + 4, c0 + 4] = np.asarray(world.COLOURS[s.colour]) / 255.0
+  near_blank = {
+    "blank": np.zeros_like(x),
+    "faint right drawing (10 % ink)": 0.1 * x,
+    "faint wrong-place drawing (10 % ink)": 0.1 * wrong_place[::3] / 255.0,
+    "one pixel": dot,
+  }
+  for name, img in near_blank.items():
+    r = reward(img, specs)
+    assert (r <= worst).all(), (name, (r - worst).max())
+  # A drawing with at least half an object of ink is not penalised: the ideal still scores 1
+  # (test_ideal_rendering_scores_one) and so is every ground-truth rendering.
+  assert (reward_terms(images, specs)["blank_penalty"] == 0).all()
+  assert (reward_terms(0.3 * x, specs)["blank_penalty"] > 0).all()
 
 
 def test_colour_cast_background_lowers_reward(ground_truth):

@@ -8,13 +8,17 @@ fine-tunes the base with each objective through the real trainer
 the same prompts and seeds, scores the images with the toy reward and writes
 to --output:
   results.json   per model: mean reward (95 % CI), win rate vs base (95 % CI,
-                 prompt-clustered bootstrap), strict win rate; DPO vs SFT and
-                 RPO vs DPO; the style score table ("style": DPO on the
-                 `--config.toy.style` preference set); settings
-  report.md      the table and the grid, plus the data / timing facts
-  grid.png       held-out prompts (rows) x seeds, one block of columns per model
+                 prompt-clustered bootstrap), strict win rate; the judge's
+                 attribute rates ("attributes": colour, quadrant, shape, all
+                 three right, blank; each with CI and change vs base with CI);
+                 DPO vs SFT and RPO vs DPO on both; the style score table
+                 ("style": DPO on the `--config.toy.style` preference set); settings
+  report.md      the tables and the grid, plus the data / timing facts
+  grid.png       held-out prompts (rows) x seeds, one labelled block of columns per
+                 model, each image with its reward and judged attributes
   images/        every generated image as PNG, and images/metadata.jsonl with
-                 model, prompt, seed, file and reward, so anyone can re-score them
+                 model, prompt, seed, file, reward and the judge's reading, so
+                 anyone can re-score them
   <objective>/   each fine-tune's workdir (checkpoints, TensorBoard, metrics.jsonl)
 """
 
@@ -54,7 +58,6 @@ _OBJECTIVES = flags.DEFINE_list(
 )
 _DEFAULT_STYLE = "amber_duotone"
 _GRID_SEEDS = 6
-_SCALE = 4  # Grid upsampling (nearest) so 16 px images are visible.
 
 
 def _slug(text: str) -> str:
@@ -78,32 +81,20 @@ def write_images(
   """
   from PIL import Image
 
+  from dpo_jax.toy import judge
+
   for model, (images, rewards) in scored.items():
     folder = os.path.join(out_dir, "images", model)
     os.makedirs(folder, exist_ok=True)
+    seen = judge.describe(images)
     with open(os.path.join(folder, "metadata.jsonl"), "a") as own:
-      for img, r, p, s in zip(images, rewards, prompts, seeds):
+      for img, r, p, s, saw in zip(images, rewards, prompts, seeds, seen):
         name = f"{split}_{_slug(p)}_{s}.png"
         Image.fromarray(img).save(os.path.join(folder, name))
         row = {"model": model, "split": split, "prompt": p, "seed": int(s), "reward": float(r)}
+        row["judge"] = saw
         meta.write(json.dumps({**row, "file": f"images/{model}/{name}"}) + "\n")
         own.write(json.dumps({**row, "file": name}) + "\n")
-
-
-def make_grid(
-  scored: Mapping[str, tuple[np.ndarray, np.ndarray]], num_prompts: int, seeds_per_prompt: int
-) -> np.ndarray:
-  """uint8 grid: a row per prompt, `_GRID_SEEDS` columns per model, white gutters."""
-  from dpo_jax import sample
-
-  k = min(_GRID_SEEDS, seeds_per_prompt)
-  blocks = []
-  for images, _ in scored.values():
-    h, w = images.shape[1:3]
-    per = images.reshape(num_prompts, seeds_per_prompt, h, w, 3)[:, :k].reshape(-1, h, w, 3)
-    blocks.append(np.pad(sample.grid_image(per, k), ((0, 0), (0, 6), (0, 0)), constant_values=255))
-  grid = np.concatenate(blocks, axis=1)
-  return grid.repeat(_SCALE, axis=0).repeat(_SCALE, axis=1)
 
 
 def report_markdown(results: dict[str, Any], models: Sequence[str], heldout: Sequence[str]) -> str:
@@ -114,20 +105,33 @@ def report_markdown(results: dict[str, Any], models: Sequence[str], heldout: Seq
     "# Toy world: base vs " + " vs ".join(m for m in models if m != "base"),
     "",
     "Reward: `dpo_jax.toy.reward` (1 = ideal rendering, ~0.87 = jittered ground truth, 0 = "
-    "blank or wrong colour, ~-0.9 = right shape in the wrong quadrant). Win rates count ties as "
-    "1/2; strict = only differences > 0.1 count. 95 % CIs: bootstrap over prompts.",
+    "wrong colour in the right place, ~-0.9 = right shape in the wrong quadrant, ~-1.8 = "
+    "blank). Win rates count ties as 1/2; strict = only differences > 0.1 count. 95 % CIs: "
+    "bootstrap over prompts.",
     "",
     table,
+    "",
+    "Attributes: `dpo_jax.toy.judge` reads the colour, quadrant and shape from each image "
+    "alone (dominant colour blob, the quadrant holding most of it, best-matching shape "
+    "template) and compares them with the prompt; all three right on >= 98 % of jittered "
+    "ground-truth renders. Blank = less than a quarter of a shape's ink.",
+    "",
+    run.format_attribute_table(results["attributes"]),
     "",
   ]
   for a, b in (("dpo", "sft"), ("rpo", "dpo")):
     if f"{a}_vs_{b}" in results:
       d = results[f"{a}_vs_{b}"]
+      t = results[f"{a}_vs_{b}_attributes"]["all_three"]
+      k = results[f"{a}_vs_{b}_attributes"]["blank"]
       verdict = "beats" if d["win_rate_ci_low"] > 0.5 else "does not clearly beat"
       lines += [
-        f"{a.upper()} vs {b.upper()} on held-out prompts: win rate {d['win_rate']:.2f} "
-        f"[{d['win_rate_ci_low']:.2f}, {d['win_rate_ci_high']:.2f}], so {a.upper()} {verdict} "
-        f"{b.upper()} here.",
+        f"{a.upper()} vs {b.upper()} on held-out prompts: reward win rate {d['win_rate']:.2f} "
+        f"[{d['win_rate_ci_low']:.2f}, {d['win_rate_ci_high']:.2f}] (so {a.upper()} {verdict} "
+        f"{b.upper()} on the reward); all three right {100 * t['mean_diff']:+.1f} points "
+        f"[{100 * t['mean_diff_ci_low']:+.1f}, {100 * t['mean_diff_ci_high']:+.1f}]; blank "
+        f"{100 * k['mean_diff']:+.1f} points [{100 * k['mean_diff_ci_low']:+.1f}, "
+        f"{100 * k['mean_diff_ci_high']:+.1f}].",
         "",
       ]
   style = {k: v for k, v in results["style"].items() if k != "name"}
@@ -144,7 +148,8 @@ def report_markdown(results: dict[str, Any], models: Sequence[str], heldout: Seq
     + "; ".join(heldout),
     "",
     f"![grid](grid.png) — rows: held-out prompts; column blocks: {', '.join(models)}; "
-    "same seeds in every block.",
+    "same seeds in every block; under each image its reward and the judge's C(olour) "
+    "Q(uadrant) S(hape), green = right, red = wrong.",
     "",
     "```json",
     json.dumps({k: results[k] for k in ("pairs", "timings_s", "base")}, indent=2),
@@ -161,7 +166,7 @@ def main(argv: list[str]) -> None:
 
   from dpo_jax import stats, trainer
   from dpo_jax.models import loader
-  from dpo_jax.toy import run
+  from dpo_jax.toy import grid, judge, run
 
   out_dir = os.path.abspath(_OUTPUT.value)
   os.makedirs(out_dir, exist_ok=True)
@@ -189,7 +194,7 @@ def main(argv: list[str]) -> None:
   models = {"base": pipeline.unet_params, **params}
   settings = run.sample_settings(toy)
   train_specs, heldout = run.train_and_heldout(toy)
-  rewards, style, all_scored = {}, {}, {}
+  rewards, attributes, style, all_scored = {}, {}, {}, {}
   t0 = time.perf_counter()
   shutil.rmtree(os.path.join(out_dir, "images"), ignore_errors=True)  # A previous run's.
   with open(os.path.join(out_dir, "images_metadata.tmp"), "w") as meta:
@@ -201,30 +206,44 @@ def main(argv: list[str]) -> None:
       grid_specs, grid_seeds = run.grid_specs(specs, seeds)
       prompts = [s.text for s in grid_specs]
       rewards[split] = run.summarize({k: v[1] for k, v in scored.items()}, prompts, "base")
+      attributes[split] = run.summarize_attributes(scored, grid_specs, "base")
       style[split] = run.summarize(run.style_scores(scored, style_name), prompts, "base")
       write_images(out_dir, scored, prompts, grid_seeds, split, meta)
-      all_scored[split] = (scored, prompts, len(specs), len(seeds))
+      all_scored[split] = (scored, grid_specs, len(specs), len(seeds))
   os.replace(
     os.path.join(out_dir, "images_metadata.tmp"), os.path.join(out_dir, "images", "metadata.jsonl")
   )
   timings["evaluation"] = time.perf_counter() - t0
 
-  scored, prompts, n_prompts, n_seeds = all_scored["heldout_prompts"]
-  results = {"rewards": rewards, "style": {"name": style_name, **style}, "timings_s": timings}
+  scored, specs_grid, n_prompts, n_seeds = all_scored["heldout_prompts"]
+  prompts = [s.text for s in specs_grid]
+  results = {
+    "rewards": rewards,
+    "attributes": attributes,
+    "style": {"name": style_name, **style},
+    "timings_s": timings,
+  }
   for a, b in (("dpo", "sft"), ("rpo", "dpo")):
     if a in scored and b in scored:
       results[f"{a}_vs_{b}"] = stats.compare(scored[a][1], scored[b][1], prompts)
+      acc_a = judge.accuracy(scored[a][0], specs_grid)
+      acc_b = judge.accuracy(scored[b][0], specs_grid)
+      results[f"{a}_vs_{b}_attributes"] = {
+        m: stats.compare(acc_a[m], acc_b[m], prompts) for m in judge.METRICS
+      }
   with open(os.path.join(config.data.path, "pairs_report.json")) as f:
     results["pairs"] = {k: v for k, v in json.load(f).items() if k != "settings"}
   with open(os.path.join(config.pretrained_path, "toy_base.json")) as f:
     results["base"] = {k: v for k, v in json.load(f).items() if not k.endswith("_prompts")}
   results["config"] = json.loads(config.to_json_best_effort())
-  Image.fromarray(make_grid(scored, n_prompts, n_seeds)).save(os.path.join(out_dir, "grid.png"))
+  picture = grid.annotated_grid(scored, specs_grid, n_prompts, n_seeds, _GRID_SEEDS)
+  Image.fromarray(picture).save(os.path.join(out_dir, "grid.png"))
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   with open(os.path.join(out_dir, "report.md"), "w") as f:
     f.write(report_markdown(results, list(models), [s.text for s in heldout]))
   print(run.format_table(rewards))
+  print(run.format_attribute_table(attributes))
   print(run.format_table(style, metric=f"{style_name} style score"))
   print(f"Wrote {out_dir}/report.md, results.json, grid.png, images/")
 

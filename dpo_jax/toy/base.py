@@ -4,11 +4,16 @@ Model (a justified pixel-space choice): at 16 x 16 x 3 a VAE would buy nothing
 but reconstruction error, so the UNet denoises the images themselves and the
 pipeline folder says so with `"vae": [null, null]` in `model_index.json`;
 `models.loader` and the data/sampling code treat such a folder as pixel space.
-  - UNet: diffusers `FlaxUNet2DConditionModel`, blocks (32, 64), one layer per
-    block, cross-attention only at 8 x 8 (~1 M parameters).
+  - UNet: diffusers `FlaxUNet2DConditionModel`, blocks (32, 64, 64), one layer
+    per block, cross-attention at 8 x 8 and 4 x 4.
   - Text encoder: a 2-layer, 32-wide CLIP text transformer with a real CLIP BPE
     tokenizer (16 tokens), trained jointly with the UNet, since there is no
-    pretrained one to download.
+    pretrained one to download. The tokenizer's merges are learned from the
+    toy vocabulary itself, so every word of a prompt is one token (9 tokens with
+    BOS / EOS). The generic tiny tokenizer split the quadrant words into up to
+    five byte-pair pieces at the end of the caption, and cut "left" / "right"
+    off 10 of the 48 prompts at 16 tokens: the base could not follow the
+    quadrant because its text often did not contain it.
   - Schedule: cosine (`squaredcos_cap_v2`) with v-prediction. With
     epsilon-prediction the cosine schedule's near-zero alpha-bar at high noise
     amplifies errors by > 1e4 and the samples get colour-cast backgrounds.
@@ -50,9 +55,14 @@ UNET_CONFIG: dict[str, Any] = {
   "sample_size": IMAGE_SIZE,
   "in_channels": 3,
   "out_channels": 3,
-  "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-  "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-  "block_out_channels": (32, 64),
+  # Three levels (16, 8, 4 px), cross-attention at 8 x 8 and 4 x 4. At 4 x 4
+  # every cell touches the zero padding, so the UNet can tell the quadrants
+  # apart even from pure noise; with two levels (32, 64) the blob's position
+  # followed the noise seed, not the quadrant words, for >= 1000 steps
+  # (quadrant right 27 % vs 39 % at step 1000, at the same step time).
+  "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+  "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+  "block_out_channels": (32, 64, 64),
   "layers_per_block": 1,
   "attention_head_dim": 4,
   "cross_attention_dim": 32,
@@ -73,10 +83,17 @@ class BaseSettings:
   steps: int = 1000
   batch_size: int = 32
   lr: float = 1e-3
+  # The text encoder's lr is `lr * text_lr_mult`.
+  text_lr_mult: float = 1.0
   corrupt_frac: float = 0.3
+  # The first `clean_frac` of the steps use uncorrupted captions (a curriculum).
+  clean_frac: float = 0.0
   drop_frac: float = 0.1
   num_heldout: int = 8
   seed: int = 0
+  # Which tokenizer: "toy_words" (one token per word) or "tiny" (the generic
+  # tiny BPE of `make_tiny_pipeline`, which splits and truncates quadrant words).
+  tokenizer: str = "toy_words"
 
 
 def text_encoder_config(vocab_size: int) -> dict[str, Any]:
@@ -84,6 +101,66 @@ def text_encoder_config(vocab_size: int) -> dict[str, Any]:
   cfg = make_tiny_pipeline.text_encoder_config("sd15", 1, vocab_size)
   cfg["max_position_embeddings"] = MAX_TOKENS
   return cfg
+
+
+def make_text_encoder(vocab_size: int, seed: int | None = None) -> Any:
+  """The toy text encoder (transformers' Flax CLIP text model); the one place it is built.
+
+  Args:
+    vocab_size: the tokenizer's vocabulary size.
+    seed: initialise parameters from this seed (`.params`); None builds the
+      module only (`_do_init=False`: `.module`, `.params_shape_tree`, `.save_pretrained`).
+  """
+  import transformers
+
+  config = transformers.CLIPTextConfig(**text_encoder_config(vocab_size))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    if seed is None:
+      return transformers.FlaxCLIPTextModel(config, _do_init=False)
+    return transformers.FlaxCLIPTextModel(config, seed=seed)
+
+
+def toy_corpus() -> str:
+  """Every word of every toy prompt, once per prompt: the toy tokenizer's BPE corpus."""
+  return " ".join(s.text for s in world.all_specs())
+
+
+def write_tokenizer(directory: str, kind: str = "toy_words") -> Any:
+  """Writes the toy's CLIP BPE tokenizer to `directory` and returns it read back.
+
+  `kind="toy_words"`: byte-level BPE merges learned from `toy_corpus()` until
+  no pair is left, so each toy word is a single token and any other text still
+  tokenizes (byte fallback). `kind="tiny"`: `make_tiny_pipeline`'s generic one.
+  """
+  if kind == "tiny":
+    return make_tiny_pipeline.write_tokenizer(directory, max_length=MAX_TOKENS)
+  if kind != "toy_words":
+    raise ValueError(f"Unknown toy tokenizer {kind!r}; expected 'toy_words' or 'tiny'.")
+  from transformers import CLIPTokenizer
+  from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+  os.makedirs(directory, exist_ok=True)
+  merges = make_tiny_pipeline._train_bpe(toy_corpus(), 1000)  # Stops when every word is one.
+  # CLIP's id layout: bytes, bytes + "</w>", merges, then the two specials last.
+  tokens = list(bytes_to_unicode().values())
+  tokens += [t + "</w>" for t in tokens]
+  tokens += ["".join(m) for m in merges]
+  tokens += ["<|startoftext|>", "<|endoftext|>"]
+  vocab: dict[str, int] = {}
+  for token in tokens:
+    vocab.setdefault(token, len(vocab))
+  vocab_file = os.path.join(directory, "vocab.json")
+  merges_file = os.path.join(directory, "merges.txt")
+  with open(vocab_file, "w", encoding="utf-8") as f:
+    json.dump(vocab, f, ensure_ascii=False)
+  with open(merges_file, "w", encoding="utf-8") as f:
+    f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+  tok = CLIPTokenizer(
+    vocab_file, merges_file, pad_token="<|endoftext|>", model_max_length=MAX_TOKENS
+  )
+  tok.save_pretrained(directory)
+  return CLIPTokenizer.from_pretrained(directory)
 
 
 def sample_captions(
@@ -134,14 +211,12 @@ def write_pipeline(
 ) -> None:
   """Writes the diffusers folder (Flax msgpack weights; tokenizer written beforehand)."""
   import diffusers
-  import transformers
 
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     unet = diffusers.FlaxUNet2DConditionModel(**UNET_CONFIG)
     unet.save_pretrained(os.path.join(output, "unet"), params=jax.device_get(unet_params))
-    config = transformers.CLIPTextConfig(**text_encoder_config(vocab_size))
-    model = transformers.FlaxCLIPTextModel(config, _do_init=False)
+    model = make_text_encoder(vocab_size)
     model.save_pretrained(os.path.join(output, "text_encoder"), params=jax.device_get(text_params))
   os.makedirs(os.path.join(output, "scheduler"), exist_ok=True)
   with open(os.path.join(output, "scheduler", "scheduler_config.json"), "w") as f:
@@ -161,22 +236,22 @@ def write_pipeline(
     json.dump(extra, f, indent=2)
 
 
-def train_base(output: str, settings: BaseSettings = BaseSettings(), progress=None) -> str:
+def train_base(
+  output: str, settings: BaseSettings = BaseSettings(), progress=None, on_params=None
+) -> str:
   """Pretrains the toy base and writes it as a pipeline folder at `output`.
 
   Args:
     output: folder to write (created).
     settings: schedule of the pretraining run.
     progress: optional callable(step, loss) after each step (progress bar).
+    on_params: optional callable(step, {"unet", "text_encoder"} params, tokenizer)
+      after each step (for experiments that evaluate snapshots).
 
   Returns:
     `output`.
   """
-  import transformers
-
-  tokenizer = make_tiny_pipeline.write_tokenizer(
-    os.path.join(output, "tokenizer"), max_length=MAX_TOKENS
-  )
+  tokenizer = write_tokenizer(os.path.join(output, "tokenizer"), settings.tokenizer)
   train_specs, heldout = world.split_specs(settings.num_heldout, settings.seed)
   captions = sorted({s.text for s in world.all_specs()} | {""})
   ids_of = dict(zip(captions, conditioning.tokenize(tokenizer, captions)))
@@ -184,8 +259,7 @@ def train_base(output: str, settings: BaseSettings = BaseSettings(), progress=No
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     unet = unet_lib.unet_from_config(UNET_CONFIG, "float32")
-    config = transformers.CLIPTextConfig(**text_encoder_config(len(tokenizer)))
-    wrapper = transformers.FlaxCLIPTextModel(config, seed=settings.seed)
+  wrapper = make_text_encoder(len(tokenizer), seed=settings.seed)
   key = jax.random.PRNGKey(settings.seed)
   key, init_key = jax.random.split(key)
   params = {
@@ -193,7 +267,12 @@ def train_base(output: str, settings: BaseSettings = BaseSettings(), progress=No
     "text_encoder": jax.device_get(wrapper.params),
   }
   schedule = diffusion.make_noise_schedule(SCHEDULER_CONFIG)
-  tx = optax.adam(settings.lr)
+  # The text encoder may learn faster than the UNet: it must separate 14 words
+  # before the UNet can use them.
+  tx = optax.multi_transform(
+    {"unet": optax.adam(settings.lr), "text": optax.adam(settings.lr * settings.text_lr_mult)},
+    {"unet": "unet", "text_encoder": "text"},
+  )
   opt_state = tx.init(params)
 
   def loss_fn(p, x0, ids, rng):
@@ -211,7 +290,8 @@ def train_base(output: str, settings: BaseSettings = BaseSettings(), progress=No
   for i in range(settings.steps):
     specs = [train_specs[j] for j in rng.integers(len(train_specs), size=settings.batch_size)]
     images = np.stack([world.render(s, rng, IMAGE_SIZE) for s in specs])
-    caps = sample_captions(specs, rng, settings.corrupt_frac, settings.drop_frac)
+    corrupt = 0.0 if i < settings.clean_frac * settings.steps else settings.corrupt_frac
+    caps = sample_captions(specs, rng, corrupt, settings.drop_frac)
     ids = np.stack([ids_of[c] for c in caps])
     params, opt_state, loss = step(
       params, opt_state, to_model_range(images), ids, jax.random.fold_in(key, i)
@@ -219,6 +299,8 @@ def train_base(output: str, settings: BaseSettings = BaseSettings(), progress=No
     losses.append(loss)
     if progress is not None:
       progress(i + 1, loss)
+    if on_params is not None:
+      on_params(i + 1, params, tokenizer)
   losses = [float(x) for x in jax.device_get(losses)]
   extra = {
     "settings": dataclasses.asdict(settings),
@@ -237,15 +319,12 @@ def write_random_pipeline(output: str, seed: int = 1) -> str:
   For tests and benchmarks that need the toy's structure but not its training.
   """
   import diffusers
-  import transformers
 
-  tok = make_tiny_pipeline.write_tokenizer(os.path.join(output, "tokenizer"), max_length=MAX_TOKENS)
+  tok = write_tokenizer(os.path.join(output, "tokenizer"))
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     unet = diffusers.FlaxUNet2DConditionModel(**UNET_CONFIG)
-    text = transformers.FlaxCLIPTextModel(
-      transformers.CLIPTextConfig(**text_encoder_config(len(tok))), _do_init=False
-    )
+  text = make_text_encoder(len(tok))
   abstract_unet = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
   unet_params = make_tiny_pipeline._random_params(abstract_unet, seed=seed)
   text_params = make_tiny_pipeline._random_params(text.params_shape_tree, seed=seed + 1)

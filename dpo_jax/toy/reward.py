@@ -11,7 +11,9 @@ quadrant q); u_c is the palette colour / 255 (its brightest channel is 1):
   A = min(r, 1 / r)                          right amount of target colour in the quadrant
   B = sum_{p not in q} b(p) / area_{q,s}     anything drawn outside the quadrant
   S = IoU(m|q, T_{q,s}) - max_{s' != s} IoU(m|q, T_{q,s'})
-  reward = (A - B + 0.5 * S) / ideal_{q,s}
+  I = sum_p b(p) / area_{q,s}                 all ink, in objects
+  P = BLANK_PENALTY * max(0, 1 - I / HALF)    missing ink: only below half an object
+  reward = (A - B + 0.5 * S - P) / ideal_{q,s}
 
 T_{q,s} is the ideal (un-jittered) coverage template of shape s centred in
 quadrant q, rendered by the same code as the images, and area_{q,s} its pixel
@@ -36,9 +38,18 @@ Why this form:
   nothing. It is weighted 0.5 because at 16 px the shapes differ by a few pixels
   (ideal circle vs square IoU = 0.78), so it is weak. The shift alignment keeps
   the +-1 px position jitter of the data from swamping it (same for all shapes).
-- Normalising by the ideal score fixes the scale: ideal rendering 1, black or
-  wrong-colour image 0, the right picture in the wrong quadrant about -0.9;
-  jittered ground truth about 0.87 (the prototype's reward also gave ~0.85).
+- P closes a loophole: without it a blank image scores 0, far above the right
+  shape in the wrong quadrant (about -0.9), so a model could gain reward by
+  drawing nothing, and RPO did (14 % blank samples against 0.5 % for the base).
+  With P a blank image scores -BLANK_PENALTY / ideal (-1.8 for circles), below
+  the worst jittered rendering of the right colour and shape in a wrong
+  quadrant (about -1.1), and so does a near-blank one. Images with at least
+  half an object of ink (every ground-truth rendering, anything drawn) are
+  untouched, so the ideal still scores 1.
+- Normalising by the ideal score fixes the scale: ideal rendering 1, the
+  wrong colour in the right place 0, the right picture in the wrong quadrant
+  about -0.9, blank about -1.8; jittered ground truth about 0.87 (the
+  prototype's reward also gave ~0.85).
 
 Everything is vectorised numpy (~0.04 s per 1000 images at 16 px on one core); the
 templates are rendered once per image size.
@@ -55,6 +66,10 @@ from dpo_jax.toy.world import COLOURS, QUADRANTS, SHAPES, PromptSpec, quadrant_b
 
 SIGMA2 = 0.1  # Chroma similarity bandwidth (squared distance), see module docstring.
 SHAPE_WEIGHT = 0.5
+# Missing-ink penalty P (module docstring): BLANK_PENALTY for a blank image,
+# falling linearly to 0 at HALF an object of ink.
+BLANK_PENALTY = 2.0
+HALF = 0.5
 _EPS = 1e-6
 _SHIFTS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 
@@ -142,8 +157,8 @@ def reward_terms(images: np.ndarray, specs: Sequence[PromptSpec]) -> dict[str, n
 
   Returns:
     Dict of float64 [N] arrays: "colour_in" (A), "outside" (B), "iou_right",
-    "iou_other" (best over the wrong shapes), "shape" (S), all un-normalised,
-    and "reward", the normalised total.
+    "iou_other" (best over the wrong shapes), "shape" (S), "blank_penalty" (P),
+    all un-normalised, and "reward", the normalised total.
   """
   x = to_unit_float(images)
   if x.ndim != 4 or x.shape[-1] != 3 or x.shape[1] != x.shape[2]:
@@ -164,6 +179,8 @@ def reward_terms(images: np.ndarray, specs: Sequence[PromptSpec]) -> dict[str, n
   # Everything drawn outside it = all brightness minus the target quadrant's.
   brightness = _split_quadrants(x.max(axis=-1)).sum(axis=(-2, -1))  # [N, 4]
   outside = (brightness.sum(axis=-1) - brightness[rows, qi]) / area
+  ink = brightness.sum(axis=-1) / area
+  blank_penalty = BLANK_PENALTY * np.maximum(0.0, 1.0 - ink / HALF)
 
   # IoU against every shape, best over integer shifts: [N, S]. float32 halves the work.
   iou = soft_iou(mass_in[:, None, None].astype(np.float32), templates[qi]).max(axis=-1)
@@ -171,13 +188,14 @@ def reward_terms(images: np.ndarray, specs: Sequence[PromptSpec]) -> dict[str, n
   others = np.where(np.arange(len(SHAPES)) == si[:, None], -np.inf, iou)
   iou_other = others.max(axis=-1).astype(np.float64)
   shape = iou_right - iou_other
-  total = (colour_in - outside + SHAPE_WEIGHT * shape) / ideal_score[qi, si]
+  total = (colour_in - outside + SHAPE_WEIGHT * shape - blank_penalty) / ideal_score[qi, si]
   return {
     "colour_in": colour_in,
     "outside": outside,
     "iou_right": iou_right,
     "iou_other": iou_other,
     "shape": shape,
+    "blank_penalty": blank_penalty,
     "reward": total,
   }
 
@@ -191,7 +209,7 @@ def reward(images: np.ndarray, specs: Sequence[PromptSpec]) -> np.ndarray:
 
   Returns:
     float64 [N]: 1 for the ideal rendering, ~0.87 for jittered ground truth,
-    0 for black or the wrong colour, ~-0.9 for the right picture in the wrong
-    quadrant; lower still for more stray ink.
+    0 for the wrong colour in the right place, ~-0.9 for the right picture in
+    the wrong quadrant, lower still for more stray ink, ~-1.8 for a blank image.
   """
   return reward_terms(images, specs)["reward"]

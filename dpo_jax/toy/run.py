@@ -5,6 +5,8 @@
   materialize   -> the run config with `pretrained_path` / `data.path` filled in
   score_models  -> images and rewards of several UNet parameter sets on the
                    same prompts and seeds
+  summarize / summarize_attributes -> reward and judge (`toy.judge`) numbers
+                   with prompt-clustered bootstrap CIs
 
 Both assets live under `toy.cache_dir` (default ~/.cache/dpo_jax/toy) in
 folders named by a hash of every setting that shapes them, written to a
@@ -35,7 +37,7 @@ from tqdm import tqdm
 from dpo_jax import sample, stats
 from dpo_jax.data import style as style_lib
 from dpo_jax.models import loader
-from dpo_jax.toy import base, prefs, reward, world
+from dpo_jax.toy import base, judge, prefs, reward, world
 
 Params = dict[str, Any]
 _COMPLETE = "COMPLETE"
@@ -53,7 +55,9 @@ def base_settings(toy: ml_collections.ConfigDict) -> base.BaseSettings:
     steps=toy.base_steps,
     batch_size=toy.base_batch_size,
     lr=toy.base_lr,
+    text_lr_mult=toy.base_text_lr_mult,
     corrupt_frac=toy.corrupt_frac,
+    clean_frac=toy.clean_frac,
     drop_frac=toy.drop_frac,
     num_heldout=toy.num_heldout,
     seed=toy.seed,
@@ -280,25 +284,59 @@ def summarize(rewards: Mapping[str, np.ndarray], prompts: Sequence[str], baselin
   return out
 
 
+def summarize_attributes(
+  scored: Mapping[str, tuple[np.ndarray, np.ndarray]],
+  specs: Sequence[world.PromptSpec],
+  baseline: str,
+) -> dict:
+  """Per model and judge metric (`judge.METRICS`): rate, its CI, and the change vs `baseline`.
+
+  Args:
+    scored: model -> (images [N, H, W, 3], rewards [N]) on the same (prompt, seed) grid.
+    specs: the N prompts of that grid.
+    baseline: the model the others are compared with.
+
+  Returns:
+    model -> metric -> {"rate", "rate_ci", and for other models "vs_<baseline>":
+    `stats.compare` of the 0 / 1 scores (mean_diff = change of the rate, with CI)}.
+  """
+  prompts = [s.text for s in specs]
+  acc = {name: judge.accuracy(images, specs) for name, (images, _) in scored.items()}
+  out = {}
+  for name, metrics in acc.items():
+    row = {}
+    for metric, values in metrics.items():
+      m = {"rate": float(values.mean()), "rate_ci": list(stats.bootstrap_ci(values, prompts))}
+      if name != baseline:
+        m["vs_" + baseline] = stats.compare(values, acc[baseline][metric], prompts)
+      row[metric] = m
+    out[name] = row
+  return out
+
+
 def before_after(config: ml_collections.ConfigDict, params: Params) -> dict[str, Any]:
-  """Reward of the base vs the fine-tuned params on train and held-out prompts; prints a table."""
+  """Reward and judged attributes of the base vs the fine-tuned params; prints the tables."""
   toy = config.toy
   pipeline = loader.load_pipeline(config.pretrained_path)
   settings = sample_settings(toy)
   train_specs, heldout = train_and_heldout(toy)
   name = f"{config.objective}_{toy.style}" if toy.style else config.objective
   models = {"base": pipeline.unet_params, name: params}
-  result, style_result = {}, {}
+  result, attrs, style_result = {}, {}, {}
   for split, specs, seeds in (
     ("train_prompts", train_specs, eval_seeds(toy, train_prompts=True)),
     ("heldout_prompts", heldout, eval_seeds(toy)),
   ):
     scored = score_models(pipeline, models, specs, seeds, settings)
-    prompts = [p.text for p in grid_specs(specs, seeds)[0]]
+    grid = grid_specs(specs, seeds)[0]
+    prompts = [p.text for p in grid]
     result[split] = summarize({k: v[1] for k, v in scored.items()}, prompts, "base")
+    attrs[split] = summarize_attributes(scored, grid, "base")
     if toy.style:
       style_result[split] = summarize(style_scores(scored, toy.style), prompts, "base")
   print(format_table(result))
+  print(format_attribute_table(attrs))
+  result["attributes"] = attrs
   if toy.style:
     print(format_table(style_result, metric=f"{toy.style} style score"))
     result["style"] = style_result
@@ -335,5 +373,35 @@ def format_table(result: Mapping[str, Mapping[str, Any]], metric: str = "reward"
       lines.append(
         f"| {split.replace('_', ' ')} | {name} | {row['mean_reward']:.3f} "
         f"{_fmt_ci(row['mean_reward_ci'])} | {win} | {strict} |"
+      )
+  return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+  return f"{100 * x:.1f}"
+
+
+def format_attribute_table(result: Mapping[str, Mapping[str, Any]], baseline: str = "base") -> str:
+  """Markdown table of `summarize_attributes` per split: rates in %, all-three change with CI."""
+  lines = [
+    "| prompts | model | colour right | quadrant right | shape right | all three right [95% CI] "
+    f"| all three: change vs {baseline} [95% CI] | blank |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for split, models in result.items():
+    for name, row in models.items():
+      a = row["all_three"]
+      vs = a.get("vs_" + baseline)
+      change = (
+        f"{100 * vs['mean_diff']:+.1f} [{100 * vs['mean_diff_ci_low']:+.1f}, "
+        f"{100 * vs['mean_diff_ci_high']:+.1f}]"
+        if vs
+        else "-"
+      )
+      lines.append(
+        f"| {split.replace('_', ' ')} | {name} | {_pct(row['colour']['rate'])} % "
+        f"| {_pct(row['quadrant']['rate'])} % | {_pct(row['shape']['rate'])} % "
+        f"| {_pct(a['rate'])} % [{_pct(a['rate_ci'][0])}, {_pct(a['rate_ci'][1])}] | {change} "
+        f"| {_pct(row['blank']['rate'])} % |"
       )
   return "\n".join(lines)
