@@ -38,8 +38,9 @@ import numpy as np  # noqa: E402
 from benchmarks import results_io  # noqa: E402
 from dpo_jax import sample, sampler, sharding  # noqa: E402
 from dpo_jax.data import encode  # noqa: E402
-from dpo_jax.models import architectures, conditioning, loader  # noqa: E402
+from dpo_jax.models import architectures, clip, conditioning, loader  # noqa: E402
 from dpo_jax.models import unet as unet_lib  # noqa: E402
+from dpo_jax.models import vae as vae_lib  # noqa: E402
 from dpo_jax.models.architectures import SD15_UNET  # noqa: E402
 from dpo_jax.tools import make_tiny_pipeline  # noqa: E402
 from dpo_jax.toy import base as toy_base  # noqa: E402
@@ -125,24 +126,22 @@ def throughput(args) -> list[dict[str, Any]]:
 
 def abstract_sd15(tokenizer_dir: str) -> tuple[loader.Pipeline, Any, Any]:
   """(pipeline with SD1.5 modules and no weights, abstract UNet params, abstract frozen params)."""
-  import transformers
-  from diffusers import FlaxAutoencoderKL
 
   unet = unet_lib.unet_from_config(SD15_UNET)
-  vae = FlaxAutoencoderKL(**SD15_VAE)
-  text = transformers.FlaxCLIPTextModel(transformers.CLIPTextConfig(**SD15_TEXT), _do_init=False)
+  vae = vae_lib.AutoencoderKL.from_config(SD15_VAE)
+  text = clip.CLIPTextModel.from_config(SD15_TEXT)
   key = jax.random.PRNGKey(0)
   unet_params = jax.eval_shape(unet.init_weights, key)
-  frozen = {"text_encoder": text.params_shape_tree, "vae": jax.eval_shape(vae.init_weights, key)}
+  frozen = {"text_encoder": text.init_abstract(), "vae": vae.init_abstract()}
   # Any CLIP BPE tokenizer padding to 77 gives the same shapes (FLOPs do not depend on ids).
-  tokenizer = make_tiny_pipeline.write_tokenizer(tokenizer_dir)
+  tokenizer = make_tiny_pipeline.write_tokenizer_files(tokenizer_dir)
   pipeline = loader.Pipeline(
     kind="sd15",
     unet=unet,
     unet_params=None,
     vae=vae,
     vae_params=None,
-    text_encoder=text.module,
+    text_encoder=text,
     text_encoder_params=None,
     tokenizer=tokenizer,
     scheduler_config=make_tiny_pipeline.scheduler_config("sd15")[1],
@@ -221,7 +220,7 @@ def main() -> None:
     f"whole program at 1 step {flops['flops_whole_program_1_step'] / 1e12:.3f} T vs sum "
     f"{flops['flops_sum_1_step'] / 1e12:.3f} T)"
   )
-  out = {"versions": {m: __import__(m).__version__ for m in ("jax", "flax", "diffusers")}}
+  out = {"versions": {m: __import__(m).__version__ for m in ("jax", "flax")}}
   out.update(throughput=rows, sd15_flops=flops)
   results_io.write_results(out, args.out)
 

@@ -221,7 +221,11 @@ def _train_bpe(text: str, num_merges: int) -> list[tuple[str, str]]:
 
 
 def write_tokenizer_files(
-  directory: str, pad_token: str = "<|endoftext|>", max_length: int = 77
+  directory: str,
+  pad_token: str = "<|endoftext|>",
+  max_length: int = 77,
+  corpus: str = _CORPUS,
+  num_merges: int = _NUM_MERGES,
 ) -> tokenizer_lib.CLIPTokenizer:
   """Writes a tiny CLIP BPE tokenizer (vocab.json, merges.txt, tokenizer_config.json).
 
@@ -233,9 +237,11 @@ def write_tokenizer_files(
     pad_token: `<|endoftext|>` for SD1.5 / SDXL `tokenizer`, `!` for SDXL's
       `tokenizer_2` (OpenCLIP pads with id 0), as in the real checkpoints.
     max_length: `model_max_length`, the padded prompt length (77 in SD).
+    corpus, num_merges: the text the byte-level BPE merges are learned from, and
+      at most how many (learning stops earlier once no pair repeats).
   """
   os.makedirs(directory, exist_ok=True)
-  merges = _train_bpe(_CORPUS, _NUM_MERGES)
+  merges = _train_bpe(corpus, num_merges)
   # Same id layout as CLIP: bytes, bytes + "</w>", merges, then the two specials last.
   tokens = list(bytes_to_unicode().values())
   tokens += [t + "</w>" for t in tokens]

@@ -4,7 +4,7 @@ Model (a justified pixel-space choice): at 16 x 16 x 3 a VAE would buy nothing
 but reconstruction error, so the UNet denoises the images themselves and the
 pipeline folder says so with `"vae": [null, null]` in `model_index.json`;
 `models.loader` and the data/sampling code treat such a folder as pixel space.
-  - UNet: diffusers `FlaxUNet2DConditionModel`, blocks (32, 64, 64), one layer
+  - UNet: our `models.unet2d.UNet2DConditionModel`, blocks (32, 64, 64), one layer
     per block, cross-attention at 8 x 8 and 4 x 4.
   - Text encoder: a 2-layer, 32-wide CLIP text transformer with a real CLIP BPE
     tokenizer (16 tokens), trained jointly with the UNet, since there is no
@@ -31,7 +31,6 @@ import dataclasses
 import json
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +40,7 @@ import numpy as np
 import optax
 
 from dpo_jax import diffusion
-from dpo_jax.models import conditioning
+from dpo_jax.models import clip, conditioning
 from dpo_jax.models import unet as unet_lib
 from dpo_jax.tools import make_tiny_pipeline
 from dpo_jax.toy import world
@@ -103,22 +102,15 @@ def text_encoder_config(vocab_size: int) -> dict[str, Any]:
   return cfg
 
 
-def make_text_encoder(vocab_size: int, seed: int | None = None) -> Any:
-  """The toy text encoder (transformers' Flax CLIP text model); the one place it is built.
+def make_text_encoder(vocab_size: int) -> clip.CLIPTextModel:
+  """The toy text encoder (our CLIP text model, `models.clip`); the one place it is built."""
+  return clip.CLIPTextModel.from_config(text_encoder_config(vocab_size))
 
-  Args:
-    vocab_size: the tokenizer's vocabulary size.
-    seed: initialise parameters from this seed (`.params`); None builds the
-      module only (`_do_init=False`: `.module`, `.params_shape_tree`, `.save_pretrained`).
-  """
-  import transformers
 
-  config = transformers.CLIPTextConfig(**text_encoder_config(vocab_size))
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    if seed is None:
-      return transformers.FlaxCLIPTextModel(config, _do_init=False)
-    return transformers.FlaxCLIPTextModel(config, seed=seed)
+def init_text_encoder(module: clip.CLIPTextModel, seed: int) -> Params:
+  """Random text-encoder params (transformers' CLIP initialisers, `models.clip`)."""
+  ids = jnp.zeros((1, MAX_TOKENS), jnp.int32)
+  return jax.device_get(module.init(jax.random.PRNGKey(seed), ids)["params"])
 
 
 def toy_corpus() -> str:
@@ -134,33 +126,13 @@ def write_tokenizer(directory: str, kind: str = "toy_words") -> Any:
   tokenizes (byte fallback). `kind="tiny"`: `make_tiny_pipeline`'s generic one.
   """
   if kind == "tiny":
-    return make_tiny_pipeline.write_tokenizer(directory, max_length=MAX_TOKENS)
+    return make_tiny_pipeline.write_tokenizer_files(directory, max_length=MAX_TOKENS)
   if kind != "toy_words":
     raise ValueError(f"Unknown toy tokenizer {kind!r}; expected 'toy_words' or 'tiny'.")
-  from transformers import CLIPTokenizer
-  from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-  os.makedirs(directory, exist_ok=True)
-  merges = make_tiny_pipeline._train_bpe(toy_corpus(), 1000)  # Stops when every word is one.
-  # CLIP's id layout: bytes, bytes + "</w>", merges, then the two specials last.
-  tokens = list(bytes_to_unicode().values())
-  tokens += [t + "</w>" for t in tokens]
-  tokens += ["".join(m) for m in merges]
-  tokens += ["<|startoftext|>", "<|endoftext|>"]
-  vocab: dict[str, int] = {}
-  for token in tokens:
-    vocab.setdefault(token, len(vocab))
-  vocab_file = os.path.join(directory, "vocab.json")
-  merges_file = os.path.join(directory, "merges.txt")
-  with open(vocab_file, "w", encoding="utf-8") as f:
-    json.dump(vocab, f, ensure_ascii=False)
-  with open(merges_file, "w", encoding="utf-8") as f:
-    f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-  tok = CLIPTokenizer(
-    vocab_file, merges_file, pad_token="<|endoftext|>", model_max_length=MAX_TOKENS
+  # 1000 merges is more than needed: learning stops once every word is one token.
+  return make_tiny_pipeline.write_tokenizer_files(
+    directory, max_length=MAX_TOKENS, corpus=toy_corpus(), num_merges=1000
   )
-  tok.save_pretrained(directory)
-  return CLIPTokenizer.from_pretrained(directory)
 
 
 def sample_captions(
@@ -210,23 +182,20 @@ def write_pipeline(
   output: str, unet_params: Params, text_params: Params, vocab_size: int, extra: dict
 ) -> None:
   """Writes the diffusers folder (Flax msgpack weights; tokenizer written beforehand)."""
-  import diffusers
-
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    unet = diffusers.FlaxUNet2DConditionModel(**UNET_CONFIG)
-    unet.save_pretrained(os.path.join(output, "unet"), params=jax.device_get(unet_params))
-    model = make_text_encoder(vocab_size)
-    model.save_pretrained(os.path.join(output, "text_encoder"), params=jax.device_get(text_params))
+  save = make_tiny_pipeline.save_flax_component
+  save(os.path.join(output, "unet"), "diffusers", "UNet2DConditionModel", UNET_CONFIG, unet_params)
+  text_config = text_encoder_config(vocab_size)
+  save(
+    os.path.join(output, "text_encoder"), "transformers", "CLIPTextModel", text_config, text_params
+  )
   os.makedirs(os.path.join(output, "scheduler"), exist_ok=True)
   with open(os.path.join(output, "scheduler", "scheduler_config.json"), "w") as f:
     json.dump({"_class_name": "DDPMScheduler", **SCHEDULER_CONFIG}, f, indent=2)
   index = {
-    "_class_name": "FlaxStableDiffusionPipeline",
-    "_diffusers_version": diffusers.__version__,
-    "unet": ["diffusers", "FlaxUNet2DConditionModel"],
+    "_class_name": "StableDiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
     "vae": [None, None],  # Pixel space.
-    "text_encoder": ["transformers", "FlaxCLIPTextModel"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
     "tokenizer": ["transformers", "CLIPTokenizer"],
     "scheduler": ["diffusers", "DDPMScheduler"],
   }
@@ -256,15 +225,13 @@ def train_base(
   captions = sorted({s.text for s in world.all_specs()} | {""})
   ids_of = dict(zip(captions, conditioning.tokenize(tokenizer, captions)))
 
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    unet = unet_lib.unet_from_config(UNET_CONFIG, "float32")
-  wrapper = make_text_encoder(len(tokenizer), seed=settings.seed)
+  unet = unet_lib.unet_from_config(UNET_CONFIG, "float32")
+  text_encoder = make_text_encoder(len(tokenizer))
   key = jax.random.PRNGKey(settings.seed)
   key, init_key = jax.random.split(key)
   params = {
     "unet": unet_lib.init_unet_params(unet, init_key),
-    "text_encoder": jax.device_get(wrapper.params),
+    "text_encoder": init_text_encoder(text_encoder, settings.seed),
   }
   schedule = diffusion.make_noise_schedule(SCHEDULER_CONFIG)
   # The text encoder may learn faster than the UNet: it must separate 14 words
@@ -276,7 +243,7 @@ def train_base(
   opt_state = tx.init(params)
 
   def loss_fn(p, x0, ids, rng):
-    return base_loss(p, x0, ids, rng, unet=unet, text_encoder=wrapper.module, schedule=schedule)
+    return base_loss(p, x0, ids, rng, unet=unet, text_encoder=text_encoder, schedule=schedule)
 
   @jax.jit
   def step(p, o, x0, ids, rng):
@@ -318,15 +285,11 @@ def write_random_pipeline(output: str, seed: int = 1) -> str:
 
   For tests and benchmarks that need the toy's structure but not its training.
   """
-  import diffusers
-
   tok = write_tokenizer(os.path.join(output, "tokenizer"))
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    unet = diffusers.FlaxUNet2DConditionModel(**UNET_CONFIG)
-  text = make_text_encoder(len(tok))
+  unet = unet_lib.unet_from_config(UNET_CONFIG, "float32")
   abstract_unet = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
   unet_params = make_tiny_pipeline._random_params(abstract_unet, seed=seed)
-  text_params = make_tiny_pipeline._random_params(text.params_shape_tree, seed=seed + 1)
+  text = make_text_encoder(len(tok))
+  text_params = make_tiny_pipeline._random_params(text.init_abstract(), seed=seed + 1)
   write_pipeline(output, unet_params, text_params, len(tok), {"random": True, "seed": seed})
   return output
