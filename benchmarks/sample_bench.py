@@ -37,7 +37,6 @@ import numpy as np  # noqa: E402
 
 from benchmarks import results_io  # noqa: E402
 from dpo_jax import sample, sampler, sharding  # noqa: E402
-from dpo_jax.data import encode  # noqa: E402
 from dpo_jax.models import architectures, clip, conditioning, loader  # noqa: E402
 from dpo_jax.models import unet as unet_lib  # noqa: E402
 from dpo_jax.models import vae as vae_lib  # noqa: E402
@@ -72,9 +71,9 @@ def time_sampling(
   bs = sample.padded_batch_size(settings.batch_size, settings.batch_size, mesh.size)
   fn = sample.make_sample_fn(pipeline, settings)
   params, frozen = jax.device_put(
-    (pipeline.unet_params, encode.frozen_params(pipeline)), sharding.replicated(mesh)
+    (pipeline.unet_params, conditioning.frozen_params(pipeline)), sharding.replicated(mesh)
   )
-  ids = encode.make_tokenize_fn(pipeline)(["a red circle at the top left"] * bs)
+  ids = conditioning.make_tokenize_fn(pipeline)(["a red circle at the top left"] * bs)
   noise = sample.initial_noise(range(bs), sample.latent_shape(pipeline))
   t0 = time.perf_counter()
   compiled = fn.lower(params, frozen, ids, noise).compile()
@@ -162,7 +161,9 @@ def sd15_flops(steps: int, guidance_scale: float) -> dict[str, Any]:
   t0 = time.perf_counter()
 
   def encode_both(frozen, ids):  # The prompt and the empty prompt, as sample_images does.
-    return encode.encode_text(pipe, frozen, ids), encode.encode_text(pipe, frozen, ids[:1])
+    return conditioning.encode_text(pipe, frozen, ids), conditioning.encode_text(
+      pipe, frozen, ids[:1]
+    )
 
   def step(params, x, ctx):
     apply_fn = unet_lib.make_unet_apply(pipe.unet)

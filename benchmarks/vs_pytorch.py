@@ -47,8 +47,7 @@ from benchmarks import results_io  # noqa: E402
 from configs import common  # noqa: E402
 from dpo_jax import optim, sample  # noqa: E402
 from dpo_jax import step as step_lib  # noqa: E402
-from dpo_jax.data import encode  # noqa: E402
-from dpo_jax.models import architectures, loader  # noqa: E402
+from dpo_jax.models import architectures, conditioning, loader  # noqa: E402
 from dpo_jax.models import unet as unet_lib  # noqa: E402
 from dpo_jax.tools import make_tiny_pipeline as tiny  # noqa: E402
 
@@ -81,54 +80,14 @@ def unet_config(shape: str) -> dict[str, Any]:
 def write_pipeline(shape: str, output: str, seed: int = 0) -> None:
   """A random-weight SD1.5-structured (SDXL: SDXL) diffusers folder with `shape`'s UNet.
 
-  The text encoder(s) and VAE are tiny (what is timed is dominated by the UNet);
-  the text encoder's width is the UNet's cross-attention dim.
+  The VAE is tiny and so are the text encoders (what is timed is dominated by
+  the UNet); their widths add up to the UNet's cross-attention dim.
   """
-  import diffusers
-  import torch
-  import transformers
-
   kind = "sdxl" if shape == "sdxl" else "sd15"
-  unet_cfg = unet_config(shape)
-  tokenizer = tiny.write_tokenizer(os.path.join(output, "tokenizer"))
-  torch.manual_seed(seed)
-  unet = diffusers.UNet2DConditionModel(**unet_cfg)
-  vae = diffusers.AutoencoderKL(**tiny.vae_config(kind))
-  class_name, sched_kwargs = tiny.scheduler_config(kind)
-  scheduler = getattr(diffusers, class_name)(**sched_kwargs)
-
-  def text_config(index: int, hidden: int) -> Any:
-    cfg = tiny.text_encoder_config(kind, index, len(tokenizer))
-    cfg.update(hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=hidden)
-    return transformers.CLIPTextConfig(**cfg)
-
-  if kind == "sd15":
-    text_encoder = transformers.CLIPTextModel(text_config(1, unet_cfg["cross_attention_dim"]))
-    pipe = diffusers.StableDiffusionPipeline(
-      vae=vae,
-      text_encoder=text_encoder,
-      tokenizer=tokenizer,
-      unet=unet,
-      scheduler=scheduler,
-      safety_checker=None,
-      feature_extractor=None,
-      requires_safety_checker=False,
-    )
-  else:
-    # SDXL's context is both encoders' hidden states concatenated (768 + 1280).
-    text_encoder = transformers.CLIPTextModel(text_config(1, 768))
-    text_encoder_2 = transformers.CLIPTextModelWithProjection(text_config(2, 1280))
-    tokenizer_2 = tiny.write_tokenizer(os.path.join(output, "tokenizer_2"), pad_token="!")
-    pipe = diffusers.StableDiffusionXLPipeline(
-      vae=vae,
-      text_encoder=text_encoder,
-      text_encoder_2=text_encoder_2,
-      tokenizer=tokenizer,
-      tokenizer_2=tokenizer_2,
-      unet=unet,
-      scheduler=scheduler,
-    )
-  pipe.save_pretrained(output, safe_serialization=True)
+  cfg = unet_config(shape)
+  # SDXL's context is both encoders' hidden states concatenated (768 + 1280).
+  widths = (768, 1280) if kind == "sdxl" else (cfg["cross_attention_dim"],)
+  tiny.write_torch_pipeline(kind, output, seed, unet=cfg, text_widths=widths)
 
 
 def _median_alternating(
@@ -269,8 +228,8 @@ def compare_sampling(folder: str, images: int, steps: int, dtype: str, iters: in
     num_inference_steps=steps, guidance_scale=7.5, scheduler="ddim", dtype=dtype, num_devices=1
   )
   fn = sample.make_sample_fn(pipe, settings)
-  frozen = encode.frozen_params(pipe)
-  ids = jnp.asarray(encode.make_tokenize_fn(pipe)(prompts))
+  frozen = conditioning.frozen_params(pipe)
+  ids = jnp.asarray(conditioning.make_tokenize_fn(pipe)(prompts))
   latents = torch.from_numpy(np.asarray(noise)).to(dev, tdtype)
 
   def run_pt() -> None:

@@ -46,7 +46,6 @@ from jax.sharding import Mesh, NamedSharding
 
 from dpo_jax import prompts as prompts_lib
 from dpo_jax import sampler, sharding
-from dpo_jax.data import encode
 from dpo_jax.models import conditioning
 from dpo_jax.models import unet as unet_lib
 from dpo_jax.models.loader import Pipeline
@@ -188,12 +187,12 @@ def sample_images(
   loop = sampler.make_sampler(
     settings.scheduler, pipe.scheduler_config, settings.num_inference_steps
   )
-  context, pooled = encode.encode_text(pipe, frozen, input_ids)
+  context, pooled = conditioning.encode_text(pipe, frozen, input_ids)
   if zero_negative_conditioning(pipe):
     u_ctx, u_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
   else:
-    uncond_ids = jnp.asarray(encode.make_tokenize_fn(pipe)([""]))
-    u_ctx, u_pooled = encode.encode_text(pipe, frozen, uncond_ids)
+    uncond_ids = jnp.asarray(conditioning.make_tokenize_fn(pipe)([""]))
+    u_ctx, u_pooled = conditioning.encode_text(pipe, frozen, uncond_ids)
   u_ctx = jnp.broadcast_to(u_ctx, context.shape)
   added = uncond_added = None
   if pipe.kind == "sdxl":
@@ -227,8 +226,8 @@ def make_sample_fn(
 ) -> Callable[[Params, Params, jax.Array, jax.Array], jax.Array]:
   """Jitted `(unet_params, frozen, input_ids, noise) -> images [B, H, W, 3]` over a mesh.
 
-  `frozen` is `data.encode.frozen_params(pipeline)` (text encoder(s), VAE);
-  `input_ids` come from `data.encode.make_tokenize_fn(pipeline)`. The batch
+  `frozen` is `data.conditioning.frozen_params(pipeline)` (text encoder(s), VAE);
+  `input_ids` come from `data.conditioning.make_tokenize_fn(pipeline)`. The batch
   (ids, noise, images) is split over every axis of `mesh` (default
   `make_mesh(settings.num_devices)`), so B must be a multiple of its size.
   The UNet params are placed by `unet_sharding` (default replicated; e.g.
@@ -283,7 +282,7 @@ def generate(
     sample_fn: a `make_sample_fn(pipeline, settings, mesh=mesh, ...)` to reuse
       (saves a compile when several models are sampled with the same
       settings); with `output="float"` the result is float32 in [0, 1].
-    frozen: `data.encode.frozen_params(pipeline)` already replicated over the
+    frozen: `data.conditioning.frozen_params(pipeline)` already replicated over the
       mesh, to skip re-sending it on every call.
     progress: called with the number of images finished after each batch.
   """
@@ -295,9 +294,9 @@ def generate(
   # Placed once per call, not re-sent with every batch.
   unet_params = jax.device_put(unet_params, placement)
   if frozen is None:
-    frozen = jax.device_put(encode.frozen_params(pipeline), sharding.replicated(mesh))
+    frozen = jax.device_put(conditioning.frozen_params(pipeline), sharding.replicated(mesh))
   batch_sh = sharding.batch_sharding(mesh)
-  tokenize = encode.make_tokenize_fn(pipeline)
+  tokenize = conditioning.make_tokenize_fn(pipeline)
   n = len(prompts)
   bs = padded_batch_size(n, settings.batch_size, mesh.size)
   shape = latent_shape(pipeline)

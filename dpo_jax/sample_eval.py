@@ -32,8 +32,8 @@ from etils import epath
 from jax.sharding import Mesh
 
 from dpo_jax import prompts as prompts_lib
-from dpo_jax import sample, sharding
-from dpo_jax.data import encode
+from dpo_jax import sample, score_registry, sharding
+from dpo_jax.models import conditioning
 
 
 @dataclasses.dataclass(eq=False)
@@ -56,7 +56,7 @@ class SampleEval:
 
   def share_encoders(self, placed: Mapping[str, Any]) -> None:
     """Samples with encoder params already replicated over the mesh (no second device copy)."""
-    self.frozen = {k: placed[k] for k in encode.frozen_params(self.pipeline)}
+    self.frozen = {k: placed[k] for k in conditioning.frozen_params(self.pipeline)}
 
   def __call__(self, step: int, unet_params: Any, writer: Any) -> dict[str, float]:
     if self._sample_fn is None:
@@ -68,7 +68,7 @@ class SampleEval:
       )
     if self.frozen is None:
       self.frozen = jax.device_put(
-        encode.frozen_params(self.pipeline), sharding.replicated(self.mesh)
+        conditioning.frozen_params(self.pipeline), sharding.replicated(self.mesh)
       )
     images = sample.generate(
       self.pipeline,
@@ -125,6 +125,7 @@ def make_sample_eval(
   if se.max_prompts:
     prompts = prompts[: se.max_prompts]
   grid_prompts, seeds = sample.prompt_seed_grid(prompts, se.images_per_prompt, se.seed)
+  score_registry.register_builtin()  # The model-free scores, by name.
   specs = scorers_lib.parse_scorer_specs(se.scorers) if se.scorers else {}
   if pipeline is None:
     variant = config.get("pretrained_variant", "") or None

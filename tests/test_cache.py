@@ -18,6 +18,7 @@ from dpo_jax import step as step_lib
 from dpo_jax import trainer
 from dpo_jax.data import cache, encode, pickapic, pipeline, sources
 from dpo_jax.models import build as build_lib
+from dpo_jax.models import conditioning
 from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline
 from tests.fixtures import good_rows, tiny_pipeline_train_config, write_parquet
 from tests.test_scorers import write_tiny_clip
@@ -137,8 +138,8 @@ def test_cache_and_raw_images_give_the_same_loss(world):
     pipeline.load_example(source, r, 0, 0, 32, random_crop=False, flip="none")["caption"]
     for r in rows
   ]
-  raw["input_ids"] = encode.make_tokenize_fn(pipe)(captions)
-  frozen = encode.frozen_params(pipe)
+  raw["input_ids"] = conditioning.make_tokenize_fn(pipe)(captions)
+  frozen = conditioning.frozen_params(pipe)
   embedder, frozen["rpo_clip"] = sources.rpo_image_embedder(config)
   from_raw = encode.encode_batch(pipe, frozen, raw, 32, encode.RPO_FEATURE_KEYS, embedder)
   arrays, _, _ = cache.read_cache(cache_dir)
@@ -210,8 +211,10 @@ def test_bf16_cache_on_gs_trains_rpo_without_encoders(world, memory_gcs, tmp_pat
     pipeline.load_example(source, r, 0, 0, 32, random_crop=False, flip="none") for r in rows
   ]
   raw = {k: np.stack([e[k] for e in examples]) for k in ("pixels_w", "pixels_l")}
-  raw["input_ids"] = encode.make_tokenize_fn(pipe)([e["caption"] for e in examples])
-  want = jax.jit(lambda p, r: encode.encode_batch(pipe, p, r, 32))(encode.frozen_params(pipe), raw)
+  raw["input_ids"] = conditioning.make_tokenize_fn(pipe)([e["caption"] for e in examples])
+  want = jax.jit(lambda p, r: encode.encode_batch(pipe, p, r, 32))(
+    conditioning.frozen_params(pipe), raw
+  )
   for k in ("latents_w", "latents_l", "context"):
     assert want[k].dtype == jnp.bfloat16
     got = arrays[k][rows].astype(np.float32)

@@ -10,7 +10,7 @@ import pytest
 
 from dpo_jax import sample
 from dpo_jax.data import style
-from dpo_jax.models import loader
+from dpo_jax.models import conditioning, loader
 from dpo_jax.toy import prefs, reward, world
 from tests.test_toy_pipeline import random_toy_pipeline  # noqa: F401 (fixture)
 
@@ -91,7 +91,6 @@ def test_share_encoders_uses_the_placed_arrays(random_toy_pipeline):  # noqa: F8
 
   from configs import toy as toy_config
   from dpo_jax import sample_eval, sharding
-  from dpo_jax.data import encode
 
   c = toy_config.get_config()
   c.unlock()
@@ -101,10 +100,13 @@ def test_share_encoders_uses_the_placed_arrays(random_toy_pipeline):  # noqa: F8
   ev = sample_eval.make_sample_eval(c, "/tmp/unused", mesh)
   assert ev.frozen is None
   # What the data side places: the encoders, plus RPO's CLIP tower when used.
-  data_frozen = {**encode.frozen_params(ev.pipeline), "rpo_clip": {"w": np.ones(3, np.float32)}}
+  data_frozen = {
+    **conditioning.frozen_params(ev.pipeline),
+    "rpo_clip": {"w": np.ones(3, np.float32)},
+  }
   placed = jax.device_put(data_frozen, sharding.replicated(mesh))
   ev.share_encoders(placed)
-  assert set(ev.frozen) == set(encode.frozen_params(ev.pipeline)) == {"text_encoder"}
+  assert set(ev.frozen) == set(conditioning.frozen_params(ev.pipeline)) == {"text_encoder"}
   for got, want in zip(jax.tree.leaves(ev.frozen), jax.tree.leaves(placed["text_encoder"])):
     assert got is want
 

@@ -136,11 +136,11 @@ def sd15(tmp_path_factory):
 
 def test_encode_batch_adds_rpo_embeds_from_the_pooled_prompt(sd15):
   captions = ["a red cube", "a red cube on a table", "a blue sphere"]
-  ids = encode.make_tokenize_fn(sd15)(captions)
+  ids = conditioning.make_tokenize_fn(sd15)(captions)
   rng = np.random.default_rng(0)
   pixels = rng.uniform(-1, 1, size=(2, 3, 32, 32, 3)).astype(np.float32)
   raw = {"pixels_w": pixels[0], "pixels_l": pixels[1], "input_ids": ids}
-  frozen = encode.frozen_params(sd15)
+  frozen = conditioning.frozen_params(sd15)
 
   def embeds(embedding, params, embedder=None):
     feats = encode.encode_batch(sd15, params, raw, 32, encode.rpo_feature_keys(embedding), embedder)

@@ -11,7 +11,7 @@ import pytest
 
 from dpo_jax import sample
 from dpo_jax.data import encode
-from dpo_jax.models import loader
+from dpo_jax.models import conditioning, loader
 from dpo_jax.toy import base, prefs, world
 
 
@@ -31,9 +31,9 @@ def test_pixel_space_pipeline_loads_without_vae(random_toy_pipeline):
   raw = {
     "pixels_w": np.linspace(-1, 1, 2 * 16 * 16 * 3, dtype=np.float32).reshape(2, 16, 16, 3),
     "pixels_l": np.zeros((2, 16, 16, 3), np.float32),
-    "input_ids": encode.make_tokenize_fn(pipe)(["a red circle at the top left", ""]),
+    "input_ids": conditioning.make_tokenize_fn(pipe)(["a red circle at the top left", ""]),
   }
-  out = encode.encode_batch(pipe, encode.frozen_params(pipe), raw, 16)
+  out = encode.encode_batch(pipe, conditioning.frozen_params(pipe), raw, 16)
   np.testing.assert_array_equal(out["latents_w"], raw["pixels_w"].transpose(0, 3, 1, 2))
   assert out["context"].shape == (2, base.MAX_TOKENS, 32)
 

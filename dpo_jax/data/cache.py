@@ -52,6 +52,8 @@ import numpy as np
 from absl import flags, logging
 from etils import epath
 
+from dpo_jax.models import conditioning
+
 FORMAT = 2  # 1: .npz shards (not memory-mappable), no dtypes, no eval split.
 META = "meta.json"
 SHARD = "shard-{:05d}"
@@ -177,8 +179,8 @@ def write_cache(
         config.data.path,
       )
   res = config.data.resolution
-  tokenize = encode.make_tokenize_fn(pipe)
-  frozen = encode.frozen_params(pipe)
+  tokenize = conditioning.make_tokenize_fn(pipe)
+  frozen = conditioning.frozen_params(pipe)
   features, embedder = ("rpo_text",), None
   if config.rpo.clip_path:
     features = encode.RPO_FEATURE_KEYS
@@ -213,7 +215,7 @@ def write_cache(
     # meta.json, written last, marks the whole cache complete.
     multihost_utils.sync_global_devices("dpo_jax_cache_shards_written")
   if jax.process_index() == 0:
-    uncond = {k: np.asarray(v) for k, v in encode.empty_prompt_conditioning(pipe).items()}
+    uncond = {k: np.asarray(v) for k, v in conditioning.empty_prompt_conditioning(pipe).items()}
     (out_dir / UNCOND).mkdir(parents=True, exist_ok=True)
     for k, v in uncond.items():
       _write_npy(out_dir / UNCOND / f"{k}.npy", v)

@@ -18,53 +18,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dpo_jax.models import conditioning
 from dpo_jax.models.loader import Pipeline
 
 HOST_ONLY_KEYS = ("example_id", "caption")
-
-
-def frozen_params(pipeline: Pipeline) -> dict[str, Any]:
-  """The encoder parameters the encode stage needs (not the UNet's)."""
-  out = {"text_encoder": pipeline.text_encoder_params}
-  if pipeline.vae is not None:
-    out["vae"] = pipeline.vae_params
-  if pipeline.kind == "sdxl":
-    out["text_encoder_2"] = pipeline.text_encoder_2_params
-  return out
-
-
-def make_tokenize_fn(pipeline: Pipeline) -> Callable[[Sequence[str]], np.ndarray]:
-  """Captions -> int32 ids [B, L] (SD1.5) or [B, 2, L] (SDXL), 77 tokens, truncated."""
-  if pipeline.kind == "sd15":
-    return lambda captions: conditioning.tokenize(pipeline.tokenizer, captions)
-
-  def tokenize_xl(captions):
-    ids = conditioning.tokenize(pipeline.tokenizer, captions)
-    ids_2 = conditioning.tokenize(pipeline.tokenizer_2, captions)
-    return np.stack([ids, ids_2], axis=1)
-
-  return tokenize_xl
-
-
-def encode_text(pipeline: Pipeline, params: dict[str, Any], input_ids: jax.Array):
-  """-> (context [B, L, D], pooled [B, P]): the UNet's context and the pooled prompt.
-
-  pooled is SDXL's `text_embeds` (text_encoder_2, projected); for SD1.5 it is
-  the text encoder's `pooler_output`, which only Diffusion-RPO uses.
-  """
-  if pipeline.kind == "sd15":
-    return conditioning.encode_prompt_sd15(pipeline.text_encoder, params["text_encoder"], input_ids)
-  return conditioning.encode_prompt_sdxl(
-    pipeline.text_encoder,
-    params["text_encoder"],
-    pipeline.text_encoder_2,
-    params["text_encoder_2"],
-    input_ids[:, 0],
-    input_ids[:, 1],
-  )
 
 
 def _unit(x: jax.Array) -> jax.Array:
@@ -150,7 +108,7 @@ def encode_batch(
       return nchw
     return conditioning.vae_encode(pipeline.vae, params["vae"], nchw, pipeline.vae_scaling_factor)
 
-  context, pooled = encode_text(pipeline, params, raw["input_ids"])
+  context, pooled = conditioning.encode_text(pipeline, params, raw["input_ids"])
   out = {"latents_w": latents(raw["pixels_w"]), "latents_l": latents(raw["pixels_l"])}
   out["context"] = context
   if pipeline.kind == "sdxl":
@@ -170,16 +128,6 @@ def encode_batch(
   return out
 
 
-def empty_prompt_conditioning(pipeline: Pipeline) -> dict[str, np.ndarray]:
-  """The empty prompt's conditioning (caption dropout): context [L, D] (+ text_embeds [P])."""
-  ids = make_tokenize_fn(pipeline)([""])
-  context, pooled = encode_text(pipeline, frozen_params(pipeline), jnp.asarray(ids))
-  out = {"context": np.asarray(context[0])}
-  if pipeline.kind == "sdxl":
-    out["text_embeds"] = np.asarray(pooled[0])
-  return out
-
-
 def device_keys(batch: dict[str, Any]) -> dict[str, Any]:
   """Drops host-only fields (ids, strings) before a batch goes to the devices."""
   return {k: v for k, v in batch.items() if k not in HOST_ONLY_KEYS}
@@ -191,7 +139,7 @@ def rpo_image_embedder(config: Any) -> tuple[ImageEmbedder, Any]:
   Here, not in `sources.py`: the trainer's source and the cache writer both
   need it, and neither imports the other.
   """
-  from dpo_jax import scorers
+  from dpo_jax.models import clip_folder
 
   if not config.rpo.clip_path:
     raise ValueError(
@@ -199,4 +147,4 @@ def rpo_image_embedder(config: Any) -> tuple[ImageEmbedder, Any]:
       "(transformers format: config.json + model.safetensors or flax_model.msgpack) whose "
       "image tower embeds the pair images."
     )
-  return scorers.clip_image_embedder(config.rpo.clip_path)
+  return clip_folder.clip_image_embedder(config.rpo.clip_path)

@@ -22,6 +22,7 @@ from absl import logging
 from etils import epath
 
 from dpo_jax.data import encode, synthetic
+from dpo_jax.models import conditioning
 from dpo_jax.models.build import Models
 
 Batch = dict[str, Any]
@@ -193,7 +194,7 @@ def _pickapic(config: ml_collections.ConfigDict, models: Models, workdir: str) -
   # The encoder closure keeps the pipeline for the whole run: not its UNet
   # weights (a host copy of GBs; the trainer has them on the mesh).
   pipe = dataclasses.replace(models.pipeline, unet_params=None)
-  tokenize = encode.make_tokenize_fn(pipe)
+  tokenize = conditioning.make_tokenize_fn(pipe)
   common = dict(
     resolution=data.resolution,
     tokenize_fn=tokenize,
@@ -226,7 +227,7 @@ def _pickapic(config: ml_collections.ConfigDict, models: Models, workdir: str) -
       data.path,
     )
 
-  rpo_features, image_embedder, frozen = (), None, encode.frozen_params(pipe)
+  rpo_features, image_embedder, frozen = (), None, conditioning.frozen_params(pipe)
   if config.objective == "rpo":
     rpo_features = encode.rpo_feature_keys(config.rpo.embedding)
     if "image" in config.rpo.embedding:
@@ -239,7 +240,7 @@ def _pickapic(config: ml_collections.ConfigDict, models: Models, workdir: str) -
   return Data(
     train=train,
     eval_batch=eval_batch,
-    uncond=encode.empty_prompt_conditioning(pipe),
+    uncond=conditioning.empty_prompt_conditioning(pipe),
     encoder=encoder,
     frozen=frozen,
   )

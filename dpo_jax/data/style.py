@@ -40,6 +40,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dpo_jax import score_registry
+
 AMBER = (1.0, 170 / 255, 40 / 255)
 
 
@@ -209,3 +211,11 @@ if __name__ == "__main__":
 
   _define_flags()
   app.run(main)
+
+
+def _register_scores() -> None:
+  for name, style in STYLES.items():
+    score_registry.register(f"style_{name}", lambda x, _, s=style: s.score(x), False)
+
+
+_register_scores()

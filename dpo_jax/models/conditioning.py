@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.models import tokenizer as tokenizer_lib
+
+if TYPE_CHECKING:  # loader imports the models; only the type is needed here.
+  from dpo_jax.models.loader import Pipeline
 
 # Re-exported: CLIP's caption cleaning lives with the tokenizer.
 clip_text_clean = tokenizer_lib.clip_text_clean
@@ -231,3 +234,57 @@ def vae_decode(vae: Any, params: Params, latents: jax.Array, scaling_factor: flo
   """Scaled latents [B, C, h, w] -> images [B, 3, H, W] (roughly [-1, 1], unclipped)."""
   unscaled = latents / scaling_factor + vae.shift_factor
   return vae.apply({"params": params}, unscaled, method="decode")
+
+
+# ---------------------------------------------------- a loaded pipeline's prompts
+
+
+def frozen_params(pipeline: Pipeline) -> dict[str, Any]:
+  """The encoder parameters the encode stage needs (not the UNet's)."""
+  out = {"text_encoder": pipeline.text_encoder_params}
+  if pipeline.vae is not None:
+    out["vae"] = pipeline.vae_params
+  if pipeline.kind == "sdxl":
+    out["text_encoder_2"] = pipeline.text_encoder_2_params
+  return out
+
+
+def make_tokenize_fn(pipeline: Pipeline) -> Callable[[Sequence[str]], np.ndarray]:
+  """Captions -> int32 ids [B, L] (SD1.5) or [B, 2, L] (SDXL), 77 tokens, truncated."""
+  if pipeline.kind == "sd15":
+    return lambda captions: tokenize(pipeline.tokenizer, captions)
+
+  def tokenize_xl(captions):
+    ids = tokenize(pipeline.tokenizer, captions)
+    ids_2 = tokenize(pipeline.tokenizer_2, captions)
+    return np.stack([ids, ids_2], axis=1)
+
+  return tokenize_xl
+
+
+def encode_text(pipeline: Pipeline, params: dict[str, Any], input_ids: jax.Array):
+  """-> (context [B, L, D], pooled [B, P]): the UNet's context and the pooled prompt.
+
+  pooled is SDXL's `text_embeds` (text_encoder_2, projected); for SD1.5 it is
+  the text encoder's `pooler_output`, which only Diffusion-RPO uses.
+  """
+  if pipeline.kind == "sd15":
+    return encode_prompt_sd15(pipeline.text_encoder, params["text_encoder"], input_ids)
+  return encode_prompt_sdxl(
+    pipeline.text_encoder,
+    params["text_encoder"],
+    pipeline.text_encoder_2,
+    params["text_encoder_2"],
+    input_ids[:, 0],
+    input_ids[:, 1],
+  )
+
+
+def empty_prompt_conditioning(pipeline: Pipeline) -> dict[str, np.ndarray]:
+  """The empty prompt's conditioning (caption dropout): context [L, D] (+ text_embeds [P])."""
+  ids = make_tokenize_fn(pipeline)([""])
+  context, pooled = encode_text(pipeline, frozen_params(pipeline), jnp.asarray(ids))
+  out = {"context": np.asarray(context[0])}
+  if pipeline.kind == "sdxl":
+    out["text_embeds"] = np.asarray(pooled[0])
+  return out

@@ -300,8 +300,20 @@ def _torch_available() -> bool:
   return True
 
 
-def _write_torch(kind: str, output: str, seed: int, prediction_type: str | None) -> None:
-  """Builds the PyTorch pipeline and lets diffusers write it (the exact hub format)."""
+def write_torch_pipeline(
+  kind: str,
+  output: str,
+  seed: int = 0,
+  prediction_type: str | None = None,
+  unet: dict[str, Any] | None = None,
+  text_widths: tuple[int, ...] | None = None,
+) -> None:
+  """Builds the PyTorch pipeline and lets diffusers write it (the exact hub format).
+
+  `unet` replaces the tiny UNet config (e.g. the benchmarks' SD-shaped one) and
+  `text_widths` the text encoders' hidden sizes (their sum, or the one width,
+  must be the UNet's cross-attention dim).
+  """
   import diffusers
   import torch
   import transformers
@@ -310,11 +322,17 @@ def _write_torch(kind: str, output: str, seed: int, prediction_type: str | None)
   tokenizer = write_tokenizer(os.path.join(output, "tokenizer"), pad_token=_pad_token(kind))
   vocab_size = len(tokenizer)
   torch.manual_seed(seed)
-  unet = diffusers.UNet2DConditionModel(**unet_config(kind))
+  unet_model = diffusers.UNet2DConditionModel(**(unet or unet_config(kind)))
   vae = diffusers.AutoencoderKL(**vae_config(kind))
-  text_encoder = transformers.CLIPTextModel(
-    transformers.CLIPTextConfig(**text_encoder_config(kind, 1, vocab_size))
-  )
+
+  def text_config(index: int) -> Any:
+    cfg = text_encoder_config(kind, index, vocab_size)
+    if text_widths is not None:
+      width = text_widths[index - 1]
+      cfg.update(hidden_size=width, intermediate_size=2 * width, projection_dim=width)
+    return transformers.CLIPTextConfig(**cfg)
+
+  text_encoder = transformers.CLIPTextModel(text_config(1))
   class_name, sched_kwargs = scheduler_config(kind, prediction_type)
   scheduler = getattr(diffusers, class_name)(**sched_kwargs)
   if kind != "sdxl":
@@ -322,7 +340,7 @@ def _write_torch(kind: str, output: str, seed: int, prediction_type: str | None)
       vae=vae,
       text_encoder=text_encoder,
       tokenizer=tokenizer,
-      unet=unet,
+      unet=unet_model,
       scheduler=scheduler,
       safety_checker=None,
       feature_extractor=None,
@@ -330,16 +348,14 @@ def _write_torch(kind: str, output: str, seed: int, prediction_type: str | None)
     )
   else:
     tokenizer_2 = write_tokenizer(os.path.join(output, "tokenizer_2"), pad_token="!")
-    text_encoder_2 = transformers.CLIPTextModelWithProjection(
-      transformers.CLIPTextConfig(**text_encoder_config(kind, 2, vocab_size))
-    )
+    text_encoder_2 = transformers.CLIPTextModelWithProjection(text_config(2))
     pipe = diffusers.StableDiffusionXLPipeline(
       vae=vae,
       text_encoder=text_encoder,
       text_encoder_2=text_encoder_2,
       tokenizer=tokenizer,
       tokenizer_2=tokenizer_2,
-      unet=unet,
+      unet=unet_model,
       scheduler=scheduler,
     )
   pipe.save_pretrained(output, safe_serialization=True)
@@ -493,7 +509,7 @@ def make_tiny_pipeline(
     raise ValueError(f"Unknown kind {kind!r}; expected one of {KINDS}.")
   if backend == "auto":
     backend = "torch" if _torch_available() else "flax"
-  writers = {"torch": _write_torch, "flax": _write_flax}
+  writers = {"torch": write_torch_pipeline, "flax": _write_flax}
   if backend not in writers:
     raise ValueError(f"Unknown backend {backend!r}; expected 'auto', 'torch' or 'flax'.")
   os.makedirs(output, exist_ok=True)

@@ -23,12 +23,13 @@ are a few pixels apart at 16 px), and for every ideal rendering.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from dpo_jax import score_registry
 from dpo_jax.toy import reward as reward_lib
-from dpo_jax.toy.world import COLOURS, QUADRANTS, SHAPES, PromptSpec
+from dpo_jax.toy.world import COLOURS, QUADRANTS, SHAPES, PromptSpec, parse_prompt
 
 # Blank below this many "objects" of ink: a quarter of the smallest ideal shape.
 BLANK_OBJECTS = 0.25
@@ -114,3 +115,14 @@ def describe(images: np.ndarray) -> list[str]:
   for c, q, s, b in zip(got["colour"], got["quadrant"], got["shape"], got["blank"]):
     out.append("blank" if b else f"{_COLOUR_NAMES[c]} {SHAPES[s]} {short[_QUADRANT_NAMES[q]]}")
   return out
+
+
+def _metric_score(metric: str) -> Callable[[np.ndarray, Sequence[str]], np.ndarray]:
+  def fn(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+    return accuracy(images, [parse_prompt(p) for p in prompts])[metric]
+
+  return fn
+
+
+for _metric in METRICS:
+  score_registry.register(f"toy_{_metric}", _metric_score(_metric), True)

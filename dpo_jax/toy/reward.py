@@ -62,6 +62,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dpo_jax import score_registry
 from dpo_jax.toy.world import COLOURS, QUADRANTS, SHAPES, PromptSpec, quadrant_box, shape_coverage
 
 SIGMA2 = 0.1  # Chroma similarity bandwidth (squared distance), see module docstring.
@@ -213,3 +214,12 @@ def reward(images: np.ndarray, specs: Sequence[PromptSpec]) -> np.ndarray:
     the wrong quadrant, lower still for more stray ink, ~-1.8 for a blank image.
   """
   return reward_terms(images, specs)["reward"]
+
+
+def _score_prompts(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+  from dpo_jax.toy import world
+
+  return reward(images, [world.parse_prompt(p) for p in prompts])
+
+
+score_registry.register("toy_reward", _score_prompts, True)
