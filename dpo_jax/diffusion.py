@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+from dpo_jax.models.loader import PREDICTION_TYPES
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 

@@ -41,7 +41,6 @@ import numpy as np
 import safetensors.numpy
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from dpo_jax import diffusion
 from dpo_jax.models import clip, naming
 from dpo_jax.models import tokenizer as tokenizer_lib
 from dpo_jax.models import vae as vae_lib
@@ -52,6 +51,9 @@ Params = dict[str, Any]
 DTypeLike = str | jnp.dtype | type
 
 KINDS = ("sd15", "sdxl")
+# The noise-prediction targets a scheduler config may name that this package trains
+# and samples (`diffusion.training_target`, `sampler`); "sample" is refused.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # (safetensors, torch pickle, Flax msgpack) file names of each library.
 DIFFUSERS_WEIGHTS = (
@@ -465,16 +467,16 @@ def load_scheduler_config(directory: str) -> dict[str, Any]:
 
   Only the training-relevant fields matter downstream (num_train_timesteps,
   beta_*, prediction_type); inference-only fields of the checkpoint's PNDM /
-  Euler scheduler are kept but ignored by `FlaxDDPMScheduler.from_config`.
+  Euler scheduler are kept but ignored by `diffusion.make_noise_schedule`.
   """
   config = _read_json(os.path.join(directory, "scheduler_config.json"))
   config = {k: v for k, v in config.items() if not k.startswith("_")}
   # diffusers' default when the field is absent (old SD1.x configs).
   config.setdefault("prediction_type", "epsilon")
-  if config["prediction_type"] not in diffusion.PREDICTION_TYPES:
+  if config["prediction_type"] not in PREDICTION_TYPES:
     raise ValueError(
       f"{directory}/scheduler_config.json: prediction_type={config['prediction_type']!r} is "
-      f"not supported; expected one of {diffusion.PREDICTION_TYPES}."
+      f"not supported; expected one of {PREDICTION_TYPES}."
     )
   return config
 
