@@ -66,7 +66,7 @@ def test_reduced_toy_run_dpo_raises_train_prompt_reward(tmp_path):
   # reduced scale (100-step base, 30 DPO steps) it does not (measured: 31.9 % ->
   # 31.9 % with the 2-level UNet, 33.3 % -> 30.6 % with the 3-level one), while
   # the reward rises by ~0.3: the gain is stray ink, not attributes. Asserting
-  # it needs a reduced base that already follows the words; see TOY_RESULTS.md.
+  # it needs a reduced base that already follows the words; see docs/toy_experiments.md.
   grid = run.grid_specs(run.pair_prompts(c.toy), range(REDUCED["eval_seeds"]))[0]
   acc = {k: judge.accuracy(v[0], grid) for k, v in scored.items()}
   attrs = ("colour", "quadrant", "shape")
