@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from dpo_jax import logs, score_registry, stats
+from dpo_jax import builtin_scores, logs, stats
 
 METADATA = "metadata.jsonl"
 DEFAULT_STRICT_MARGIN = 0.1  # As `stats.compare`; pass one per metric scale.
@@ -462,7 +462,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   from dpo_jax import scorers as scorers_lib
 
   fv = parse_flags(argv)
-  score_registry.register_builtin()  # The model-free scores, by name.
+  builtin_scores.register()  # The model-free scores, by name.
   specs = scorers_lib.parse_scorer_specs(fv.scorers)
   scorers = {
     name: scorers_lib.make_scorer(name, path, batch_size=fv.batch_size)

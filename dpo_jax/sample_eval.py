@@ -31,8 +31,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
+from dpo_jax import builtin_scores, sample, sharding
 from dpo_jax import prompts as prompts_lib
-from dpo_jax import sample, score_registry, sharding
 from dpo_jax.models import conditioning
 
 
@@ -125,7 +125,7 @@ def make_sample_eval(
   if se.max_prompts:
     prompts = prompts[: se.max_prompts]
   grid_prompts, seeds = sample.prompt_seed_grid(prompts, se.images_per_prompt, se.seed)
-  score_registry.register_builtin()  # The model-free scores, by name.
+  builtin_scores.register()  # The model-free scores, by name.
   specs = scorers_lib.parse_scorer_specs(se.scorers) if se.scorers else {}
   if pipeline is None:
     variant = config.get("pretrained_variant", "") or None

@@ -6,7 +6,7 @@ reward and judge). The module that defines one registers it here at import;
 `scorers.make_scorer` then serves it by name, so `scorers` imports no toy or
 data module and the data modules import no scorer. The entry points that take
 scorer names (`evaluate`, `sample_eval`, `data.relabel`) import the defining
-modules (`register_builtin`).
+modules through `builtin_scores.register()`.
 """
 
 from __future__ import annotations
@@ -45,9 +45,3 @@ def get(name: str) -> ModelFreeScore | None:
 
 def names() -> list[str]:
   return sorted(_REGISTRY)
-
-
-def register_builtin() -> None:
-  """Imports the modules that register this package's model-free scores."""
-  from dpo_jax.data import style  # noqa: F401 - registers style_*.
-  from dpo_jax.toy import judge, reward  # noqa: F401 - register toy_*.

@@ -328,7 +328,7 @@ class FunctionScorer:
 def _model_free() -> dict[str, FunctionScorer]:
   """Scores that need no weights, as registered in `score_registry` by the modules
   that define them (`data.style`, `toy.reward`, `toy.judge`; the entry points
-  import those through `score_registry.register_builtin`)."""
+  import those through `builtin_scores.register`)."""
   return {
     n: FunctionScorer(n, score_registry.get(n).fn, score_registry.get(n).uses_prompt)
     for n in score_registry.names()

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpo_jax import logs, score_registry
+from dpo_jax import builtin_scores, logs
 from dpo_jax.data import decode, pickapic
 
 ScoreFn = Callable[[Sequence[np.ndarray], Sequence[str]], np.ndarray]
@@ -263,7 +263,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   from dpo_jax import scorers
 
   fv = parse_flags(argv)
-  score_registry.register_builtin()  # The model-free scores, by name.
+  builtin_scores.register()  # The model-free scores, by name.
   specs = scorers.parse_scorer_specs(fv.scorer)
   if len(specs) != 1:
     raise ValueError(f"--scorer takes one NAME=PATH, got {fv.scorer!r}.")
