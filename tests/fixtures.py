@@ -327,6 +327,7 @@ def gcs_emulator(bucket: str = "bucket"):
   import fsspec
   import gcsfs.core
   from etils.epath import backend as epath_backend
+  from etils.epath import gpath
   from gcp_storage_emulator.handlers import objects
   from gcp_storage_emulator.server import create_server
 
@@ -368,6 +369,9 @@ def gcs_emulator(bucket: str = "bucket"):
   for name in ("gs", "gcs"):
     fsspec.register_implementation(name, EmulatedGCS, clobber=True)
   epath_backend.fsspec_backend._get_filesystem.cache_clear()
+  # etils decides "TensorFlow or fsspec" once per process (a cached function): an
+  # earlier test in this worker may already have decided for TensorFlow.
+  gpath._is_tf_installed.cache_clear()
   try:
     yield EmulatedGCS()
   finally:
@@ -381,6 +385,7 @@ def gcs_emulator(bucket: str = "bucket"):
       if cls is not None:
         registry[name] = cls
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    gpath._is_tf_installed.cache_clear()
     EmulatedGCS.clear_instance_cache()
     objects.download = download
     server.stop()
