@@ -37,22 +37,7 @@ clip_text_clean = tokenizer_lib.clip_text_clean
 Params = dict[str, Any]
 
 
-def _clip_bpe_ids(tokenizer: Any, text: str) -> list[int]:
-  """Cleaned text -> CLIP BPE ids (no start/end tokens) with a transformers tokenizer's tables.
-
-  For a transformers `CLIPTokenizer` handed in by code not yet on
-  `models.tokenizer` (TODO(#18): remove once dpo_jax/toy is ported); the same
-  rule as `CLIPTokenizer.text_ids`, without transformers' split on added tokens.
-  """
-  ids = []
-  for word in tokenizer.pat.findall(text):
-    word = "".join(tokenizer.byte_encoder[b] for b in word.encode("utf-8"))
-    pieces = tokenizer.bpe(word).split(" ")
-    ids += [tokenizer.encoder.get(t, tokenizer.unk_token_id) for t in pieces]
-  return ids
-
-
-def tokenize(tokenizer: Any, prompts: Sequence[str]) -> np.ndarray:
+def tokenize(tokenizer: tokenizer_lib.CLIPTokenizer, prompts: Sequence[str]) -> np.ndarray:
   """Prompts -> int32 ids [B, L], L = tokenizer.model_max_length (77).
 
   Exactly openai/CLIP's `clip.tokenize(truncate=True)` (= open_clip's):
@@ -65,18 +50,10 @@ def tokenize(tokenizer: Any, prompts: Sequence[str]) -> np.ndarray:
 
   Args:
     tokenizer: `models.tokenizer.CLIPTokenizer` (what `models.loader.load_tokenizer`
-      returns). A transformers `CLIPTokenizer` is still accepted (its tables are used).
+      returns).
     prompts: B captions.
   """
-  if isinstance(tokenizer, tokenizer_lib.CLIPTokenizer):
-    return tokenizer(prompts)["input_ids"]
-  length = tokenizer.model_max_length
-  texts = [clip_text_clean(p) for p in prompts]
-  out = np.full((len(texts), length), tokenizer.pad_token_id, np.int32)
-  for i, text in enumerate(texts):
-    ids = _clip_bpe_ids(tokenizer, text)[: length - 2]
-    out[i, : len(ids) + 2] = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
-  return out
+  return tokenizer(prompts)["input_ids"]
 
 
 def _run_text_encoder(text_encoder: Any, params: Params, input_ids: jax.Array) -> Any:

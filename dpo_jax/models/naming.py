@@ -19,8 +19,9 @@ diffusers/transformers key names ("attn1/to_q") means the same thing here.
 Two kinds of old names are accepted on the way in:
   * PyTorch VAE checkpoints saved before diffusers 0.14 name the mid-block
     attention `query/key/value/proj_attn`;
-  * dpo_jax checkpoints written with diffusers' Flax UNet (before our own
-    models) used the same four names; `legacy_flax_path` maps them.
+  * Flax msgpack VAEs written with diffusers' Flax `AutoencoderKL` used the
+    same four names; `legacy_flax_path` maps them. (diffusers' Flax UNet already
+    used our names, so dpo_jax training checkpoints need no mapping.)
 """
 
 from __future__ import annotations
@@ -83,13 +84,5 @@ def torch_to_flax(pt_key: str, tensor: Any, expected: Mapping[Path, Any]) -> tup
 
 
 def legacy_flax_path(path: Path) -> Path:
-  """A parameter path of a pre-own-models dpo_jax tree (diffusers' Flax names) -> ours."""
+  """A parameter path written with diffusers' old Flax attention names -> ours."""
   return tuple(LEGACY_ATTENTION_NAMES.get(part, part) for part in path)
-
-
-def rename_legacy_tree(flat: Mapping[Path, Any]) -> dict[Path, Any]:
-  """Applies `legacy_flax_path` to every key of a flat {path: value} dict."""
-  renamed = {legacy_flax_path(k): v for k, v in flat.items()}
-  if len(renamed) != len(flat):
-    raise ValueError("Renaming legacy attention parameters made two paths collide.")
-  return renamed
