@@ -4,8 +4,8 @@ Model (a justified pixel-space choice): at 16 x 16 x 3 a VAE would buy nothing
 but reconstruction error, so the UNet denoises the images themselves and the
 pipeline folder says so with `"vae": [null, null]` in `model_index.json`;
 `models.loader` and the data/sampling code treat such a folder as pixel space.
-  - UNet: our `models.unet2d.UNet2DConditionModel`, blocks (32, 64, 64), one layer
-    per block, cross-attention at 8 x 8 and 4 x 4.
+  - UNet: our `models.unet2d.UNet2DConditionModel`, blocks (32, 64, 64, 64), one
+    layer per block, cross-attention at 8 x 8, 4 x 4 and 2 x 2.
   - Text encoder: a 2-layer, 32-wide CLIP text transformer with a real CLIP BPE
     tokenizer (16 tokens), trained jointly with the UNet, since there is no
     pretrained one to download. The tokenizer's merges are learned from the
@@ -54,14 +54,25 @@ UNET_CONFIG: dict[str, Any] = {
   "sample_size": IMAGE_SIZE,
   "in_channels": 3,
   "out_channels": 3,
-  # Three levels (16, 8, 4 px), cross-attention at 8 x 8 and 4 x 4. At 4 x 4
-  # every cell touches the zero padding, so the UNet can tell the quadrants
-  # apart even from pure noise; with two levels (32, 64) the blob's position
-  # followed the noise seed, not the quadrant words, for >= 1000 steps
-  # (quadrant right 27 % vs 39 % at step 1000, at the same step time).
-  "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-  "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-  "block_out_channels": (32, 64, 64),
+  # Four levels (16, 8, 4, 2 px), cross-attention at 8 x 8, 4 x 4 and 2 x 2. At
+  # 2 x 2 each cell is one quadrant and sees a different pattern of zero
+  # padding, so "where" is a per-cell choice the cross-attention can read off the
+  # quadrant words even from pure noise. With two levels (32, 64) the blob's
+  # position followed the noise seed; three levels (to 4 x 4) reached quadrant
+  # 39 % on training prompts at step 1000, four levels 96 % (docs/toy_experiments.md).
+  "down_block_types": (
+    "DownBlock2D",
+    "CrossAttnDownBlock2D",
+    "CrossAttnDownBlock2D",
+    "CrossAttnDownBlock2D",
+  ),
+  "up_block_types": (
+    "CrossAttnUpBlock2D",
+    "CrossAttnUpBlock2D",
+    "CrossAttnUpBlock2D",
+    "UpBlock2D",
+  ),
+  "block_out_channels": (32, 64, 64, 64),
   "layers_per_block": 1,
   "attention_head_dim": 4,
   "cross_attention_dim": 32,
