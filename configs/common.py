@@ -15,7 +15,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.seed = 0
-  # "dpo" | "sft" | "rpo" (Diffusion-RPO, BRIEF §2).
+  # "dpo" | "sft" | "rpo" (Diffusion-RPO, BRIEF §2) | "mapo" | "kto" | "dspo" | "sdpo"
+  # (the losses after DPO, README "Objectives"; their settings below).
   c.objective = "dpo"
   # DPO temperature; the official SD1.5/SDXL runs use 5000. RPO uses it too.
   c.beta = 5000.0
@@ -31,6 +32,25 @@ def get_base_config() -> ml_collections.ConfigDict:
   # text_encoder_2's projected embeds). "image" / "text+image" also need a CLIP
   # model folder (transformers format) for the image tower.
   c.rpo.clip_path = ""
+  # Objectives after DPO; defaults are the authors' (dpo_jax/losses.py names the files).
+  # MaPO (reference-free): loss = mean(m_w) - beta * mean(log sigmoid(T (f(m_w) - f(m_l)))),
+  # f(m) = s m / (exp(s m) - 1); mapo-t2i/mapo args.py: beta_mapo 0.1, snr_value 0.5.
+  c.mapo = ml_collections.ConfigDict()
+  c.mapo.beta = 0.1
+  c.mapo.snr_value = 0.5
+  # Diffusion-KTO on the pairs split into liked winners and disliked losers:
+  # beta 1000 (--beta_dpo), lambda_d / lambda_u weight liked / disliked images.
+  c.kto = ml_collections.ConfigDict()
+  c.kto.beta = 1000.0
+  c.kto.lambda_d = 1.0
+  c.kto.lambda_u = 1.0
+  # DSPO: its own beta (the authors' SD1.5 launcher: 0.001; searched 0.001-0.05).
+  c.dspo = ml_collections.ConfigDict()
+  c.dspo.beta = 0.001
+  # SDPO = Diffusion-DPO (c.beta) with the loser's gradient scaled to keep a share
+  # mu of the winner's descent; the authors' SD1.5 DPO launcher uses mu 0.9.
+  c.sdpo = ml_collections.ConfigDict()
+  c.sdpo.mu = 0.9
   c.max_steps = 20
   c.log_every = 1
   c.eval_every = 0  # 0 = only at the end.

@@ -203,3 +203,266 @@ def rpo_loss(
     "rpo_neighbours": jnp.mean(1.0 / jnp.sum(weights**2, axis=-1)),
   }
   return loss, metrics
+
+
+def scale_gradient(x: chex.Array, scale: float | chex.Array) -> chex.Array:
+  """`x` in the forward pass; its gradient multiplied by `scale` in the backward pass.
+
+  `sg(x) + scale * (x - sg(x))`: the value is x (the bracket is exactly 0), the
+  derivative is `scale`. `scale` itself gets no gradient.
+  """
+  scale = jax.lax.stop_gradient(scale)
+  return jax.lax.stop_gradient(x) + scale * (x - jax.lax.stop_gradient(x))
+
+
+def mapo_transform(mse: chex.Array, snr_value: float | chex.Array) -> chex.Array:
+  """MaPO's `f(m) = s m / (exp(s m) - 1)`, with its limit f(0) = 1.  [B] -> [B].
+
+  `expm1` keeps it accurate for small `s m` (exp(s m) - 1 cancels to a few
+  digits in float32 at m ~ 1e-4); a decreasing function of the MSE, so
+  `f(m_w) > f(m_l)` iff the winner is denoised better.
+  """
+  x = snr_value * mse
+  safe = jnp.where(x == 0, 1.0, x)
+  return jnp.where(x == 0, 1.0, safe / jnp.expm1(safe))
+
+
+def mapo_loss(
+  policy_mse_w: chex.Array,
+  policy_mse_l: chex.Array,
+  beta: float | chex.Array,
+  snr_value: float | chex.Array,
+  num_train_timesteps: int,
+) -> tuple[chex.Array, dict[str, chex.Array]]:
+  """MaPO, margin-aware preference optimisation (Hong et al. 2024, arXiv 2406.06424).
+
+  Reference-free. Follows `compute_loss` in mapo-t2i/mapo `utils.py` (read
+  2026-12-01) and its defaults in `args.py` (`beta_mapo` 0.1, `snr_value` 0.5):
+
+    f(m) = s m / (exp(s m) - 1)
+    log_odds = f(m_w) - f(m_l)
+    loss = mean(m_w) - beta * mean(log sigmoid(T * log_odds))
+
+  with T = the scheduler's `num_train_timesteps` ("maximise the margin
+  throughout the denoising process"). The first term is the ordinary
+  denoising loss on the winners; the second is the ORPO-style odds-ratio term.
+
+  Args:
+    policy_mse_w: [B] policy MSE on the preferred image.
+    policy_mse_l: [B] policy MSE on the rejected image (same noise, timestep).
+    beta: `beta_mapo`, the weight of the odds-ratio term.
+    snr_value: `s`, a constant.
+    num_train_timesteps: T.
+
+  Returns:
+    (loss, metrics). There is no reference, so `implicit_acc` and
+    `reward_margin` are those of the policy's own MaPO logit
+    `T * log_odds` (fraction > 0, i.e. winner denoised better; mean), not of a
+    reward relative to a reference; `max_abs_logit` its max |.|;
+    `model_mse_w/l`; `mapo_ratio` = mean log sigmoid(logit) (<= 0).
+  """
+  chex.assert_rank([policy_mse_w, policy_mse_l], 1)
+  chex.assert_equal_shape([policy_mse_w, policy_mse_l])
+  log_odds = mapo_transform(policy_mse_w, snr_value) - mapo_transform(policy_mse_l, snr_value)
+  logits = num_train_timesteps * log_odds
+  ratio = jax.nn.log_sigmoid(logits)
+  loss = jnp.mean(policy_mse_w) - beta * jnp.mean(ratio)
+  metrics = {
+    "implicit_acc": jnp.mean((logits > 0).astype(jnp.float32)),
+    "reward_margin": jnp.mean(logits),
+    "max_abs_logit": jnp.max(jnp.abs(logits)),
+    "model_mse_w": jnp.mean(policy_mse_w),
+    "model_mse_l": jnp.mean(policy_mse_l),
+    "mapo_ratio": jnp.mean(ratio),
+  }
+  return loss, metrics
+
+
+def kto_loss(
+  policy_mse: chex.Array,
+  ref_mse: chex.Array,
+  desirable: chex.Array,
+  beta: float | chex.Array,
+  lambda_d: float | chex.Array = 1.0,
+  lambda_u: float | chex.Array = 1.0,
+) -> tuple[chex.Array, dict[str, chex.Array]]:
+  """Diffusion-KTO (Li et al. 2024, arXiv 2404.04465) on single labelled images.
+
+  Follows the default path of jacklishufan/diffusion-kto `train_kto_sd_v1.5.py`
+  (read 2026-12-01: `--halo sigmoid`, `--bce_offset none`, `--beta_dpo` 1000,
+  `--lambda_d_kto` = `--lambda_u_kto` = 1):
+
+    g = r - m                 (implicit reward: reference minus policy MSE)
+    kl = max(mean(g), 0)      (over the whole batch, both labels; detached)
+    z = sign * beta * (g - kl),  sign = +1 desirable, -1 undesirable
+    loss = mean(w * (1 - sigmoid(z))),  w = lambda_d or lambda_u
+
+  Unlike DPO's 0.5 * beta there is no 1/2: beta multiplies g directly.
+
+  Args:
+    policy_mse: [N] policy MSE of each image.
+    ref_mse: [N] frozen-reference MSE of each image (same noise, timestep).
+    desirable: [N] bool (or 0/1) label: liked (True) or disliked.
+    beta: KTO temperature.
+    lambda_d: weight of desirable images.
+    lambda_u: weight of undesirable images.
+
+  Returns:
+    (loss, metrics): `implicit_acc` (fraction with z > 0), `reward_margin`
+    (mean z), `max_abs_logit` (max |z|), `kto_kl` (the detached KL estimate),
+    `kto_reward_desirable` / `kto_reward_undesirable` (mean g - kl per label; 0
+    for a label absent from the batch), `model_mse`, `ref_mse` (means).
+  """
+  chex.assert_rank([policy_mse, ref_mse, desirable], 1)
+  chex.assert_equal_shape([policy_mse, ref_mse, desirable])
+  ref_mse = jax.lax.stop_gradient(ref_mse)
+  desirable = desirable.astype(bool)
+  g = ref_mse - policy_mse
+  # The KL term is a detached batch statistic: a baseline, not a gradient path.
+  kl = jax.lax.stop_gradient(jnp.maximum(jnp.mean(g), 0.0))
+  g = g - kl
+  z = jnp.where(desirable, 1.0, -1.0) * beta * g
+  weight = jnp.where(desirable, lambda_d, lambda_u)
+  loss = jnp.mean(weight * (1.0 - jax.nn.sigmoid(z)))
+
+  def label_mean(mask):
+    return jnp.sum(jnp.where(mask, g, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+  metrics = {
+    "implicit_acc": jnp.mean((z > 0).astype(jnp.float32)),
+    "reward_margin": jnp.mean(z),
+    "max_abs_logit": jnp.max(jnp.abs(z)),
+    "kto_kl": kl,
+    "kto_reward_desirable": label_mean(desirable),
+    "kto_reward_undesirable": label_mean(~desirable),
+    "model_mse": jnp.mean(policy_mse),
+    "ref_mse": jnp.mean(ref_mse),
+  }
+  return loss, metrics
+
+
+def _mean_over_sample(x: chex.Array) -> chex.Array:
+  """[B, ...] -> [B] mean over all but the leading axis."""
+  return jnp.mean(x.reshape(x.shape[0], -1), axis=1)
+
+
+def dspo_loss(
+  resid_w: chex.Array,
+  resid_l: chex.Array,
+  ref_resid_w: chex.Array,
+  ref_resid_l: chex.Array,
+  beta: float | chex.Array,
+) -> tuple[chex.Array, dict[str, chex.Array]]:
+  """DSPO, direct score preference optimisation (Zhu et al., ICLR 2025; huaishengzhu/DSPO).
+
+  Follows the SD1.5 branch of the loss in huaishengzhu/DSPO `train.py` (read
+  2026-12-01; the same in AIDC-AI/Diffusion-SDPO's `--train_method dspo`).
+  With residuals `e = pred - target` of policy and (frozen) reference:
+
+    inside = -0.5 * beta * ((m_w - m_l) - (r_w - r_l))     (DPO's logit)
+    loss = mean_i mean_chw (e_w - beta * (1 - sigmoid(inside)) * (pred_w - ref_pred_w))^2
+
+  i.e. the winner's denoising target is shifted along the policy-minus-
+  reference score by a weight that is large while the pair is still ranked
+  wrongly. `pred_w - ref_pred_w = e_w - ref_e_w` (same target). The gradient
+  flows through `inside` too, as in the authors' code (nothing is detached but
+  the reference). The authors' SD1.5 launcher uses beta = 0.001 (searched over
+  {0.001, 0.01, 0.05}); their SDXL branch is a different, thresholded loss
+  (beta 5000) that is not implemented here.
+
+  Args:
+    resid_w: [B, ...] policy residual pred - target on the preferred image.
+    resid_l: [B, ...] policy residual on the rejected image (same noise, t).
+    ref_resid_w: [B, ...] reference residual on the preferred image.
+    ref_resid_l: [B, ...] reference residual on the rejected image.
+    beta: DSPO temperature (both in `inside` and as the shift's scale).
+
+  Returns:
+    (loss, metrics): `pair_metrics` of `inside` (as DPO) and `dspo_weight`
+    (mean of 1 - sigmoid(inside)).
+  """
+  chex.assert_equal_shape([resid_w, resid_l, ref_resid_w, ref_resid_l])
+  resid_w, resid_l = resid_w.astype(jnp.float32), resid_l.astype(jnp.float32)
+  ref_resid_w, ref_resid_l = jax.tree.map(
+    lambda x: jax.lax.stop_gradient(x.astype(jnp.float32)), (ref_resid_w, ref_resid_l)
+  )
+  m_w, m_l = _mean_over_sample(resid_w**2), _mean_over_sample(resid_l**2)
+  r_w, r_l = _mean_over_sample(ref_resid_w**2), _mean_over_sample(ref_resid_l**2)
+  inside = -0.5 * beta * ((m_w - m_l) - (r_w - r_l))
+  weight = 1.0 - jax.nn.sigmoid(inside)
+  shape = (-1,) + (1,) * (resid_w.ndim - 1)
+  shifted = resid_w - beta * weight.reshape(shape) * (resid_w - ref_resid_w)
+  loss = jnp.mean(_mean_over_sample(shifted**2))
+  metrics = {**pair_metrics(inside, m_w, m_l, r_w, r_l), "dspo_weight": jnp.mean(weight)}
+  return loss, metrics
+
+
+def sdpo_loser_scale(
+  resid_w: chex.Array,
+  resid_l: chex.Array,
+  mu: float | chex.Array,
+  eps: float = 1e-9,
+  max_scale: float = 1.0,
+) -> chex.Array:
+  """SDPO's winner-preserving scale of the loser's gradient (arXiv 2511.03317).
+
+  Follows `get_adaptive_lose_l_scale` in AIDC-AI/Diffusion-SDPO `train.py`
+  (read 2026-12-01). With A = mean over the batch's winner elements of
+  e_w^2, B = the same for the losers, and their gradients with respect to
+  the noise predictions gA = 2 e_w / n, gB = 2 e_l / n (n = elements of one
+  side), the update -gA + lam * gB must keep at least a share mu of the
+  winner's descent: (-gA + lam gB) . gA <= -mu |gA|^2, so
+
+    lam = clip((1 - mu) |gA|^2 / (gB . gA + eps), 0, max_scale)  if gB . gA > 0
+    lam = max_scale                                             otherwise
+
+  One scalar for the whole (micro-)batch (the authors': per device), a
+  constant of the loss (no gradient). `eps` is the authors' and acts on the
+  2/n-scaled products, as theirs.
+
+  Args:
+    resid_w: [B, ...] policy residual pred - target on the preferred images.
+    resid_l: [B, ...] policy residual on the rejected images (same noise, t).
+    mu: winner-preserving margin in [0, 1] (authors' launchers: 0.9 for
+      Diffusion-DPO on SD1.5, 0.2 / 0.6 for DSPO on SD1.5 / SDXL).
+    eps: added to the denominator.
+    max_scale: upper clip of the scale.
+
+  Returns:
+    float32 scalar lam in [0, max_scale].
+  """
+  chex.assert_equal_shape([resid_w, resid_l])
+  if isinstance(mu, (int, float)) and not 0.0 <= mu <= 1.0:
+    raise ValueError(f"sdpo mu must be within [0, 1], got {mu}.")
+  e_w = jax.lax.stop_gradient(resid_w).astype(jnp.float32)
+  e_l = jax.lax.stop_gradient(resid_l).astype(jnp.float32)
+  n = e_w.size
+  g_a, g_b = 2.0 * e_w / n, 2.0 * e_l / n
+  num = jnp.sum(g_a * g_a)
+  den = jnp.sum(g_b * g_a)
+  cap = (1.0 - mu) * num / (den + eps)
+  lam = jnp.where(den > 0, cap, max_scale)
+  return jnp.clip(lam, 0.0, max_scale)
+
+
+def sdpo_loss(
+  policy_mse_w: chex.Array,
+  policy_mse_l: chex.Array,
+  ref_mse_w: chex.Array,
+  ref_mse_l: chex.Array,
+  beta: float | chex.Array,
+  loser_scale: chex.Array,
+) -> tuple[chex.Array, dict[str, chex.Array]]:
+  """Diffusion-DPO with SDPO's safeguard: the loser's gradient scaled by `loser_scale`.
+
+  The value is exactly `dpo_loss`'s; only the gradient through the loser's MSE
+  (hence through the loser's noise prediction) is multiplied by
+  `loser_scale` (`sdpo_loser_scale`), as `l_scaled = sg(l) + lam (l - sg(l))`
+  in AIDC-AI/Diffusion-SDPO `train.py`.
+
+  Returns:
+    (loss, metrics): `dpo_loss`'s metrics and `sdpo_scale` (= loser_scale).
+  """
+  scaled_l = scale_gradient(policy_mse_l, loser_scale)
+  loss, metrics = dpo_loss(policy_mse_w, scaled_l, ref_mse_w, ref_mse_l, beta)
+  return loss, dict(metrics, sdpo_scale=jax.lax.stop_gradient(loser_scale))

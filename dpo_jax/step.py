@@ -30,7 +30,11 @@ from dpo_jax.models import unet as unet_lib
 
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
-OBJECTIVES = ("dpo", "sft", "rpo")
+# Sources and formulas: dpo_jax/losses.py (one function per objective) and README "Objectives".
+OBJECTIVES = ("dpo", "sft", "rpo", "mapo", "kto", "dspo", "sdpo")
+# Objectives with a frozen reference whose logits are exactly 0 while policy == reference
+# (`check_reference_match`, and the precision check in `build_step_spec`).
+REFERENCE_OBJECTIVES = ("dpo", "rpo", "kto", "dspo", "sdpo")
 # What the data side embeds with frozen CLIP for `batch["rpo_embeds"]` (config.rpo.embedding).
 RPO_EMBEDDINGS = ("text", "image", "text+image")
 # config.precision.reference_forward: "auto" = "matched" unless compute is float32.
@@ -88,6 +92,14 @@ class StepSpec:
   # Stored dtype of the reference params (config.precision.ref_dtype); only
   # named in `check_reference_match`'s error.
   ref_dtype: Any = None
+  # Hyperparameters of the objectives after DPO (config.mapo / kto / dspo / sdpo).
+  mapo_beta: float = 0.1
+  mapo_snr_value: float = 0.5
+  kto_beta: float = 1000.0
+  kto_lambda_d: float = 1.0
+  kto_lambda_u: float = 1.0
+  dspo_beta: float = 0.001
+  sdpo_mu: float = 0.9
 
   def __post_init__(self):
     if self.objective == "rpo":
@@ -105,6 +117,8 @@ class StepSpec:
         )
       if not self.rpo_tau > 0:
         raise ValueError(f"rpo_tau must be > 0, got {self.rpo_tau}.")
+    if self.objective == "sdpo" and not 0.0 <= self.sdpo_mu <= 1.0:
+      raise ValueError(f"config.sdpo.mu={self.sdpo_mu}; expected a value in [0, 1].")
     if self.reference_forward not in REFERENCE_FORWARDS:
       raise ValueError(
         f"reference_forward={self.reference_forward!r}; expected one of {REFERENCE_FORWARDS}."
@@ -184,6 +198,21 @@ def pair_mses(
   if not with_loser:
     return mse, None
   return _split_pairs(mse)
+
+
+def pair_residuals(
+  spec: StepSpec, params: Any, batch: Batch, noise: jax.Array, timesteps: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Per-element residuals `pred - target` (float32) of winner and loser, [B, C, H, W] each.
+
+  For the objectives that need more than the per-sample MSE (DSPO's score
+  shift, SDPO's gradient dot products); one forward over the interleaved rows.
+  """
+  noisy, t, context, added, target = _pair_inputs(spec, batch, noise, timesteps)
+  pred = spec.apply_fn(_cast_params(spec, params), noisy, t, context, added)
+  resid = pred.astype(jnp.float32) - target.astype(jnp.float32)
+  resid = resid.reshape((-1, 2) + resid.shape[1:])
+  return resid[:, 0], resid[:, 1]
 
 
 def matched_mses(
@@ -329,6 +358,50 @@ def objective_loss(
     sim = rpo_similarity(batch["rpo_embeds"])
     mses = _policy_and_ref_mses(spec, params, ref_params, batch, noise, t)
     return losses.rpo_loss(*mses, sim, spec.beta, spec.rpo_tau)
+  if spec.objective == "mapo":
+    # Reference-free: one policy forward on winner and loser, no reference forward.
+    mse_w, mse_l = pair_mses(spec, params, batch, noise, t)
+    return losses.mapo_loss(
+      mse_w, mse_l, spec.mapo_beta, spec.mapo_snr_value, spec.num_train_timesteps
+    )
+  if spec.objective == "kto":
+    # The Pick-a-Pic split: every winner is a liked image, every loser a
+    # disliked one (2B single labelled images; each pair's two images share
+    # noise and timestep, a detail KTO does not need but which does no harm).
+    pol_w, pol_l, ref_w, ref_l = _policy_and_ref_mses(spec, params, ref_params, batch, noise, t)
+    desirable = jnp.concatenate([jnp.ones_like(pol_w, bool), jnp.zeros_like(pol_l, bool)])
+    return losses.kto_loss(
+      jnp.concatenate([pol_w, pol_l]),
+      jnp.concatenate([ref_w, ref_l]),
+      desirable,
+      spec.kto_beta,
+      spec.kto_lambda_d,
+      spec.kto_lambda_u,
+    )
+  if spec.objective == "dspo":
+    # DSPO needs the residuals themselves, so policy and reference are always
+    # traced separately (`reference_forward` does not apply).
+    pol = pair_residuals(spec, params, batch, noise, t)
+    ref = pair_residuals(spec, jax.tree.map(jax.lax.stop_gradient, ref_params), batch, noise, t)
+    return losses.dspo_loss(*pol, *jax.lax.stop_gradient(ref), spec.dspo_beta)
+  if spec.objective == "sdpo":
+    if spec.reference_forward == "separate":
+      # The differentiated forward's residuals give both the MSEs and the scale.
+      res_w, res_l = pair_residuals(spec, params, batch, noise, t)
+      sq_mean = lambda r: jnp.mean(jnp.square(r), axis=tuple(range(1, r.ndim)))
+      pol_w, pol_l = sq_mean(res_w), sq_mean(res_l)
+      ref_w, ref_l = jax.tree.map(
+        jax.lax.stop_gradient, pair_mses(spec, ref_params, batch, noise, t)
+      )
+    else:
+      # Matched MSE values; the scale needs the residuals: one extra
+      # forward-only policy pass (~+25 % FLOPs over matched DPO).
+      pol_w, pol_l, ref_w, ref_l = _policy_and_ref_mses(spec, params, ref_params, batch, noise, t)
+      res_w, res_l = pair_residuals(
+        spec, jax.tree.map(jax.lax.stop_gradient, params), batch, noise, t
+      )
+    scale = losses.sdpo_loser_scale(res_w, res_l, spec.sdpo_mu)
+    return losses.sdpo_loss(pol_w, pol_l, ref_w, ref_l, spec.beta, scale)
   raise ValueError(f"Unknown objective {spec.objective!r}; expected one of {OBJECTIVES}.")
 
 
@@ -470,7 +543,7 @@ def _precision_settings(config: ml_collections.ConfigDict) -> tuple[Any, Any, st
       )
     dtypes.append(prec[field])
   compute, ref = dtypes
-  if config.objective in ("dpo", "rpo") and ref not in ("float32", compute):
+  if config.objective in REFERENCE_OBJECTIVES and ref not in ("float32", compute):
     # The reference would run on weights rounded to `ref` while the policy runs
     # on other ones: at step 0 (policy = reference) the logit is then beta x
     # their MSE gap (spread ~1 at beta 5000 for fp32 compute, bf16 reference).
@@ -536,6 +609,13 @@ def build_step_spec(
     compute_param_dtype=None if compute == jnp.float32 else compute,
     reference_forward=reference_forward,
     ref_dtype=ref,
+    mapo_beta=float(config.mapo.beta),
+    mapo_snr_value=float(config.mapo.snr_value),
+    kto_beta=float(config.kto.beta),
+    kto_lambda_d=float(config.kto.lambda_d),
+    kto_lambda_u=float(config.kto.lambda_u),
+    dspo_beta=float(config.dspo.beta),
+    sdpo_mu=float(config.sdpo.mu),
   )
 
 
@@ -570,16 +650,19 @@ def check_reference_match(
   Raises:
     ReferenceMismatchError: naming the cause, the precision settings and the fix.
   """
-  if spec.objective not in ("dpo", "rpo") or "max_abs_logit" not in metrics:
+  if spec.objective not in REFERENCE_OBJECTIVES or "max_abs_logit" not in metrics:
     return
   value = float(metrics["max_abs_logit"])
   if not value > tol:  # NaN: a non-finite step, reported by the skip logic instead.
     return
   name = lambda d: "float32" if d is None else jnp.dtype(d).name
+  # The factor between an MSE gap and the logit: 0.5 beta (DPO family), beta (KTO).
+  beta = {"kto": spec.kto_beta, "dspo": spec.dspo_beta}.get(spec.objective, spec.beta)
+  factor = beta if spec.objective == "kto" else 0.5 * beta
   raise ReferenceMismatchError(
     f"First step of a fresh run (policy = reference): max |logit| = {value:.3g} > {tol:g} at "
-    f"beta={spec.beta:g}, so the policy and reference forwards give different MSEs for equal "
-    f"weights (gap up to {value / (0.5 * spec.beta):.2g}) and beta would train on that rounding "
+    f"beta={beta:g}, so the policy and reference forwards give different MSEs for equal "
+    f"weights (gap up to {value / factor:.2g}) and beta would train on that rounding "
     f"noise. Precision: compute_dtype={name(spec.compute_param_dtype)}, "
     f"ref_dtype={name(spec.ref_dtype)}, reference_forward={spec.reference_forward!r}. Fix: "
     "precision.reference_forward='matched' (the default for bf16 compute), with "

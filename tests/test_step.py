@@ -96,7 +96,7 @@ def test_step0_loss_is_log2_and_reference_gets_no_gradient():
   assert n_opt_arrays == 2 * n_param_leaves
 
 
-@pytest.mark.parametrize("objective", ["dpo", "sft"])
+@pytest.mark.parametrize("objective", ["dpo", "sft", "mapo", "kto", "dspo", "sdpo"])
 def test_one_step_lowers_loss_on_fixed_batch(objective):
   spec, params, batch = _setup_cached(objective)
   ref = params
@@ -104,12 +104,29 @@ def test_one_step_lowers_loss_on_fixed_batch(objective):
   rng = jax.random.PRNGKey(7)
   # Evaluate with the key step 0 uses, i.e. the very objective the step descends.
   step0_key = jax.random.fold_in(rng, 0)
-  before = _jitted_eval(objective)(state.params, ref, batch, step0_key)
-  state, _ = _jitted_train(objective)(state, ref, batch, rng)
-  after = _jitted_eval(objective)(state.params, ref, batch, step0_key)
+  if objective in ("dpo", "sft"):
+    before = _jitted_eval(objective)(state.params, ref, batch, step0_key)
+    state, _ = _jitted_train(objective)(state, ref, batch, rng)
+    after = _jitted_eval(objective)(state.params, ref, batch, step0_key)
+  else:
+    # One compile: the train step's metrics are the loss before its update, and
+    # a second step with the counter reset to 0 draws the same noise again.
+    state, before = _jitted_train(objective)(state, ref, batch, rng)
+    _, after = _jitted_train(objective)(
+      state.replace(step=jnp.zeros_like(state.step)), ref, batch, rng
+    )
   assert float(after["loss"]) < float(before["loss"])
-  if objective == "dpo":
+  if objective in ("dpo", "sdpo"):
     assert float(before["loss"]) == pytest.approx(math.log(2.0), abs=1e-6)
+  if objective == "kto":  # Every z = 0 at policy == reference: mean(w * (1 - 1/2)).
+    assert float(before["loss"]) == pytest.approx(0.5, abs=1e-6)
+  if objective == "dspo":  # No shift at policy == reference: the winners' MSE.
+    np.testing.assert_allclose(float(before["loss"]), float(before["model_mse_w"]), rtol=1e-6)
+  if objective == "mapo":  # No reference: its terms from the policy's own MSEs.
+    assert "ref_mse_w" not in before
+    assert float(before["loss"]) > float(before["model_mse_w"])
+  if objective == "sdpo":
+    assert 0.0 <= float(before["sdpo_scale"]) <= 1.0
 
 
 def test_gradient_accumulation_averages_micro_batches():

@@ -1,6 +1,9 @@
 """The full toy comparison: base vs DPO vs SFT vs RPO on held-out prompts, and style alignment.
 
   python -m dpo_jax.toy --output=runs/toy_compare [--objectives=dpo,sft,rpo,style]
+  (also available, not in the default list: mapo, kto, dspo, sdpo; each with
+  the authors' hyperparameters from configs/common.py unless overridden, e.g.
+  --config.mapo.beta=...)
 
 Builds (or reuses from the cache) the toy base and its preference pairs,
 fine-tunes the base with each objective through the real trainer
@@ -11,7 +14,8 @@ to --output:
                  prompt-clustered bootstrap), strict win rate; the judge's
                  attribute rates ("attributes": colour, quadrant, shape, all
                  three right, blank; each with CI and change vs base with CI);
-                 DPO vs SFT and RPO vs DPO on both; the style score table
+                 DPO vs SFT and X vs DPO (X = rpo, mapo, kto, dspo, sdpo: those
+                 run) on both; the style score table
                  ("style": DPO on the `--config.toy.style` preference set); settings
   report.md      the tables and the grid, plus the data / timing facts
   grid.png       held-out prompts (rows) x seeds, one labelled block of columns per
@@ -53,8 +57,18 @@ _OUTPUT = flags.DEFINE_string("output", "runs/toy_compare", "Where results, repo
 _OBJECTIVES = flags.DEFINE_list(
   "objectives",
   ["dpo", "sft", "rpo", "style"],
-  "Fine-tunes to compare with the base: dpo, sft, rpo (on the reward pairs) and style (DPO "
-  "on the style preference set of --config.toy.style, default amber_duotone).",
+  "Fine-tunes to compare with the base: dpo, sft, rpo, mapo, kto, dspo, sdpo (on the reward "
+  "pairs; kto treats winners as liked and losers as disliked images) and style (DPO on the "
+  "style preference set of --config.toy.style, default amber_duotone).",
+)
+# Each listed comparison (a vs b) is reported when both were run.
+_COMPARISONS = (
+  ("dpo", "sft"),
+  ("rpo", "dpo"),
+  ("mapo", "dpo"),
+  ("kto", "dpo"),
+  ("dspo", "dpo"),
+  ("sdpo", "dpo"),
 )
 _DEFAULT_STYLE = "amber_duotone"
 _GRID_SEEDS = 6
@@ -119,7 +133,7 @@ def report_markdown(results: dict[str, Any], models: Sequence[str], heldout: Seq
     run.format_attribute_table(results["attributes"]),
     "",
   ]
-  for a, b in (("dpo", "sft"), ("rpo", "dpo")):
+  for a, b in _COMPARISONS:
     if f"{a}_vs_{b}" in results:
       d = results[f"{a}_vs_{b}"]
       t = results[f"{a}_vs_{b}_attributes"]["all_three"]
@@ -166,8 +180,14 @@ def main(argv: list[str]) -> None:
 
   from dpo_jax import stats, trainer
   from dpo_jax.models import loader
+  from dpo_jax.step import OBJECTIVES
   from dpo_jax.toy import grid, judge, run
 
+  unknown = [n for n in _OBJECTIVES.value if n != "style" and n not in OBJECTIVES]
+  if unknown:
+    raise app.UsageError(
+      f"--objectives: unknown {unknown}; expected names from {list(OBJECTIVES)} or 'style'."
+    )
   out_dir = os.path.abspath(_OUTPUT.value)
   os.makedirs(out_dir, exist_ok=True)
   timings = {}
@@ -223,7 +243,7 @@ def main(argv: list[str]) -> None:
     "style": {"name": style_name, **style},
     "timings_s": timings,
   }
-  for a, b in (("dpo", "sft"), ("rpo", "dpo")):
+  for a, b in _COMPARISONS:
     if a in scored and b in scored:
       results[f"{a}_vs_{b}"] = stats.compare(scored[a][1], scored[b][1], prompts)
       acc_a = judge.accuracy(scored[a][0], specs_grid)
