@@ -22,7 +22,7 @@ result is the same up to rounding, so the choice is about speed and memory:
            CPU as many rows as keep a chunk's logits cache-sized, which makes
            it 2-4x faster than "xla" there at 1024 tokens (fwd+bwd).
   auto     cudnn where it applies (GPU, half precision, supported head dim);
-           on CPU chunked from 256 x 256 logits per head up; xla elsewhere;
+           on CPU chunked from 128 x 128 logits per head up; xla elsewhere;
            decided per call from the shapes.
 
 Every implementation accumulates q k^T in float32 and does the softmax in
@@ -47,7 +47,7 @@ CHUNK_SIZE = 1024
 # CPU: float32 logits elements per chunk, [B, heads, rows, Lk] (2 MiB: cache-sized).
 _CPU_TILE = 1 << 19
 # "auto" on CPU uses "chunked" from this many logits per (batch, head) up.
-_AUTO_CHUNKED_MIN = 256 * 256
+_AUTO_CHUNKED_MIN = 128 * 128
 _HALF = (jnp.bfloat16, jnp.float16)
 
 
@@ -83,13 +83,13 @@ def _chunk_rows(b: int, n: int, lq: int, lk: int, chunk_size: int | None) -> int
   # float32) so the exp, the row sums and both matmuls reread it from there,
   # not from memory; fewer than 16 rows costs more in loop overhead than it saves.
   rows = max(16, _CPU_TILE // max(1, b * n * lk))
-  return min(1 << (rows.bit_length() - 1), lq)
+  return min(1 << (rows.bit_length() - 1), CHUNK_SIZE, lq)
 
 
 def _to_heads(x: jax.Array, chunk: int, chunks: int) -> jax.Array:
   """[B, L, heads, D] -> [chunks, B, heads, chunk, D], zero-padded to chunks * chunk rows."""
-  b, l, n, d = x.shape
-  x = jnp.pad(x, ((0, 0), (0, chunks * chunk - l), (0, 0), (0, 0)))
+  b, length, n, d = x.shape
+  x = jnp.pad(x, ((0, 0), (0, chunks * chunk - length), (0, 0), (0, 0)))
   return x.reshape(b, chunks, chunk, n, d).transpose(1, 0, 3, 2, 4)
 
 
