@@ -30,6 +30,7 @@ writes JSON {"shapes": {name: {"step": {"pytorch_s", "dpo_jax_s", "ratio"},
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -47,7 +48,7 @@ from benchmarks import results_io  # noqa: E402
 from configs import common  # noqa: E402
 from dpo_jax import optim, sample  # noqa: E402
 from dpo_jax import step as step_lib  # noqa: E402
-from dpo_jax.models import architectures, conditioning, loader  # noqa: E402
+from dpo_jax.models import architectures, conditioning, loader, unet2d  # noqa: E402
 from dpo_jax.models import unet as unet_lib  # noqa: E402
 from dpo_jax.tools import make_tiny_pipeline as tiny  # noqa: E402
 
@@ -170,8 +171,34 @@ def torch_step_fn(folder: str, batch: dict[str, Any], dtype: str) -> Callable[[]
   return run
 
 
-def jax_step_fn(folder: str, batch: dict[str, Any], dtype: str) -> Callable[[], None]:
-  """dpo_jax's jitted DPO step (state donated) on `folder`'s UNet; a closure running one step."""
+# Ablations (--ablations): dpo_jax's step as it was before each speed-up, in the same run.
+ABLATIONS = {
+  "before (xla attention, Flax two-pass GroupNorm)": ("xla", True),
+  "+ chunked flash attention": ("chunked", True),
+  "+ one-pass GroupNorm (current default)": (None, False),
+}
+
+
+def _flax_group_norm(groups: int, eps: float, dtype, name: str):
+  import flax.linen as nn
+
+  return nn.GroupNorm(
+    num_groups=groups, epsilon=eps, dtype=dtype, use_fast_variance=False, name=name
+  )
+
+
+def jax_step_fn(
+  folder: str,
+  batch: dict[str, Any],
+  dtype: str,
+  attention: str | None = None,
+  flax_group_norm: bool = False,
+) -> Callable[[], None]:
+  """dpo_jax's jitted DPO step (state donated) on `folder`'s UNet; a closure running one step.
+
+  `attention`: `config.model.attention` (None: the config default);
+  `flax_group_norm`: trace with Flax's two-pass GroupNorm (the ablation).
+  """
   c = common.get_base_config()
   c.optim.lr, c.optim.warmup_frac, c.optim.clip_norm, c.optim.weight_decay = LR, 0.0, 1.0, 1e-2
   c.beta = BETA
@@ -179,6 +206,7 @@ def jax_step_fn(folder: str, batch: dict[str, Any], dtype: str) -> Callable[[], 
   c.precision.ref_dtype = dtype
   c.data.global_batch_size = len(batch["latents_w"])
   unet, params = loader.load_unet(os.path.join(folder, "unet"), dtype=jnp.dtype(dtype))
+  unet = unet_lib.with_attention(unet, attention or c.model.attention)
   tx, lr_fn = optim.make_optimizer(c.optim, 1000)
   sched = loader.load_scheduler_config(os.path.join(folder, "scheduler"))
   spec = step_lib.build_step_spec(c, unet_lib.make_unet_apply(unet), tx, lr_fn, None, sched)
@@ -193,21 +221,46 @@ def jax_step_fn(folder: str, batch: dict[str, Any], dtype: str) -> Callable[[], 
     state[0], metrics = fn(state[0], ref, jbatch, key)
     jax.block_until_ready(metrics)
 
-  return run
+  if not flax_group_norm:
+    return run
+  traced = []
+
+  def run_patched() -> None:
+    if traced:  # Traced (and compiled) already: the patch is baked in.
+      return run()
+    saved = unet2d._group_norm
+    unet2d._group_norm = _flax_group_norm
+    try:
+      run()
+    finally:
+      unet2d._group_norm = saved
+    traced.append(True)
+
+  return run_patched
 
 
-def compare_step(shape: str, folder: str, pairs: int, dtype: str, iters: int) -> dict[str, Any]:
+def compare_step(
+  shape: str, folder: str, pairs: int, dtype: str, iters: int, ablations: bool = False
+) -> dict[str, Any]:
   batch = _inputs(shape, pairs, unet_config(shape))
-  times = _median_alternating(
-    {
-      "pytorch": torch_step_fn(folder, batch, dtype),
-      "dpo_jax": jax_step_fn(folder, batch, dtype),
-    },
-    iters,
-    warmup=2,
-  )
+  fns = {
+    "pytorch": torch_step_fn(folder, batch, dtype),
+    "dpo_jax": jax_step_fn(folder, batch, dtype),
+  }
+  if ablations:
+    for name, (attention, flax_gn) in ABLATIONS.items():
+      if attention is not None:
+        fns[name] = jax_step_fn(folder, batch, dtype, attention, flax_gn)
+  times = _median_alternating(fns, iters, warmup=2)
   pt, jx = float(np.median(times["pytorch"])), float(np.median(times["dpo_jax"]))
-  return {"pairs": pairs, "pytorch_s": pt, "dpo_jax_s": jx, "ratio": jx / pt, "times": times}
+  out = {"pairs": pairs, "pytorch_s": pt, "dpo_jax_s": jx, "ratio": jx / pt, "times": times}
+  if ablations:
+    out["ablations"] = {
+      name: {"dpo_jax_s": float(np.median(times.get(name, times["dpo_jax"])))} for name in ABLATIONS
+    }
+    for row in out["ablations"].values():
+      row["ratio"] = row["dpo_jax_s"] / pt
+  return out
 
 
 def compare_sampling(folder: str, images: int, steps: int, dtype: str, iters: int) -> dict:
@@ -222,6 +275,8 @@ def compare_sampling(folder: str, images: int, steps: int, dtype: str, iters: in
   pt_pipe.scheduler = diffusers.DDIMScheduler.from_config(pt_pipe.scheduler.config)
   pt_pipe.set_progress_bar_config(disable=True)
   pipe = loader.load_pipeline(folder, dtype=jnp.dtype(dtype))
+  attention = common.get_base_config().model.attention
+  pipe = dataclasses.replace(pipe, unet=unet_lib.with_attention(pipe.unet, attention))
   shape = sample.latent_shape(pipe)
   noise = sample.initial_noise(range(images), shape)
   settings = sample.SampleSettings(
@@ -266,21 +321,29 @@ def main() -> None:
   p.add_argument("--sample_steps", type=int, default=50)
   p.add_argument("--sampling", default="tiny", help="Shapes whose sampling is compared too.")
   p.add_argument("--out", default="benchmarks/results/vs_pytorch.json")
+  p.add_argument(
+    "--ablations", action="store_true", help="Also time dpo_jax as before each speed-up."
+  )
   args = p.parse_args()
   import torch
 
-  torch.set_num_threads(os.cpu_count() or 1)
+  # Both sides get the CPUs this process may run on (taskset -c 0: one).
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
   out: dict[str, Any] = {"beta": BETA, "dtype": args.dtype, "shapes": {}}
   for shape in args.shapes.split(","):
     with tempfile.TemporaryDirectory() as folder:
       write_pipeline(shape, folder)
-      row = {"step": compare_step(shape, folder, args.pairs, args.dtype, args.iters)}
+      row = {
+        "step": compare_step(shape, folder, args.pairs, args.dtype, args.iters, args.ablations)
+      }
       s = row["step"]
       print(
         f"{shape} DPO step, {args.pairs} pairs, {args.dtype}: PyTorch {s['pytorch_s']:.3f} s, "
         f"dpo_jax {s['dpo_jax_s']:.3f} s, ratio {s['ratio']:.2f}",
         flush=True,
       )
+      for name, a in s.get("ablations", {}).items():
+        print(f"  dpo_jax {name}: {a['dpo_jax_s']:.3f} s, ratio {a['ratio']:.2f}", flush=True)
       if shape in args.sampling.split(","):
         row["sampling"] = compare_sampling(
           folder, args.sample_images, args.sample_steps, args.dtype, max(2, args.iters // 2)

@@ -425,6 +425,15 @@ def finish(run: Run) -> None:
   run.writer.close()
 
 
+def use_compilation_cache(config: ml_collections.ConfigDict) -> None:
+  """Turns on JAX's persistent compilation cache in `config.compilation_cache_dir`, if set."""
+  path = config.get("compilation_cache_dir", "")
+  if path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    # Cache every program: the default skips those compiled in under a second.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config.max_steps` optimizer steps, resuming from `workdir` if possible.
 
@@ -437,6 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Inputs first (pipeline folder, data, cache): a wrong path is an error
   # before the workdir, its config.json or any metric file exists.
   preflight.preflight(config)
+  use_compilation_cache(config)
   stop = preemption.Preemption()
   try:
     with jax.debug_nans(bool(config.debug_nans)):
