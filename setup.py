@@ -42,6 +42,8 @@ EXTRAS_REQUIRE = {
   # torch==2.13.0 resolves to the local CPU wheel on machines that ship one.
   "test": [
     *_TORCH_REFERENCE,
+    # diffusers' `pipe.load_lora_weights` of an exported LoRA (tests/test_lora.py).
+    "peft>=0.17",
     "pytest>=8",
     "pytest-xdist>=3.5",
     "portpicker>=1.6",

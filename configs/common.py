@@ -106,6 +106,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   # compute_dtype is float32.
   c.precision.reference_forward = "auto"
 
+  # LoRA (dpo_jax.lora): rank 0 = off (full fine-tune). With rank > 0 only the
+  # adapters A [in, r], B [r, out] of the kernels whose "/"-joined path fully
+  # matches `targets` are trained, checkpointed and in the optimizer state; the
+  # policy is base + (alpha / rank) A B and the reference is the same base with
+  # the adapters off (one UNet copy in memory). alpha 0 = rank (scale 1, as the
+  # diffusers DPO LoRA script). Default targets: the attention projections
+  # to_q/to_k/to_v/to_out.0; dpo_jax.lora.CONV_TARGETS adds the convolutions.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 0.0
+  c.lora.targets = r".*/(to_q|to_k|to_v|to_out_0)/kernel"
+
   c.model = ml_collections.ConfigDict()
   c.model.sample_size = 16
   c.model.in_channels = 4

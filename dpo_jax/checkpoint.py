@@ -234,7 +234,9 @@ def _stored_optim(step_dir: epath.Path) -> str:
   """The `config.optim` the checkpoint was written with, for the error message."""
   try:
     meta = json.loads((step_dir / "meta" / "metadata").read_text())
-    return f" It was written with config.optim = {json.dumps(meta['config']['optim'])}."
+    cfg = meta["config"]
+    lora = f" and config.lora = {json.dumps(cfg['lora'])}" if "lora" in cfg else ""
+    return f" It was written with config.optim = {json.dumps(cfg['optim'])}{lora}."
   except Exception:  # noqa: BLE001 - only decorates the message.
     return ""
 
@@ -302,8 +304,8 @@ def restore_latest_valid(
       diff = _tree_differences(stored, abstract_state)
       if diff:
         raise CheckpointMismatchError(
-          f"{what} holds another state tree than this config builds (optimizer, clip_norm or "
-          "model changed): "
+          f"{what} holds another state tree than this config builds (optimizer, clip_norm, "
+          "config.lora or model changed): "
           + "; ".join(diff)
           + "."
           + _stored_optim(step_dir)

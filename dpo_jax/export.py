@@ -14,6 +14,14 @@ writes
 (or the XL class) loads it, and so does `dpo_jax.models.loader.load_pipeline`,
 which gives back the checkpoint's float32 parameters bit for bit.
 
+A LoRA run's checkpoint (`config.lora.rank > 0`) holds only adapters; export it
+with one of
+  --lora    DIR/pytorch_lora_weights.safetensors, diffusers' PEFT keys
+            (`unet.<module>.lora_A.weight` / `lora_B.weight`, alpha/rank folded
+            into lora_B), for `pipe.load_lora_weights(DIR)` on the base pipeline;
+  --merge   the full UNet with W + (alpha/rank) A B merged in (base from
+            `--base` or the run's `pretrained_path`), written as above.
+
 Conversion: the loader's PyTorch -> Flax rule (`naming.torch_to_flax`:
 names, conv [O,I,H,W] -> [H,W,I,O], linear .T) is run backwards. Every PyTorch
 key of the base UNet (read from its safetensors header, its `.bin`, or for a
@@ -43,12 +51,15 @@ import safetensors.numpy
 from etils import epath
 from flax.traverse_util import flatten_dict
 
+from dpo_jax import lora
 from dpo_jax.models import loader, naming
 from dpo_jax.models.unet import parse_dtype
 
 Params = dict[str, Any]
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# The file name `pipe.load_lora_weights(DIR)` looks for.
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PIPELINE_CLASSES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
 
@@ -316,6 +327,7 @@ def export(
   dtype: str = "float32",
   unet_only: bool = False,
   variant: str | None = None,
+  mode: str = "",
 ) -> str:
   """Writes the checkpoint's UNet (and the base's other components) as a diffusers folder.
 
@@ -329,6 +341,8 @@ def export(
     variant: weights variant of the base's files, e.g. "fp16" ("" = the plain
       files; default None: the run's `config.pretrained_variant`). The UNet is
       written under the same variant name.
+    mode: for a LoRA run's checkpoint, "lora" (only the adapters, PEFT format)
+      or "merge" (the full UNet with the adapters merged in); "" otherwise.
 
   Returns:
     `output`.
@@ -344,6 +358,9 @@ def export(
   base = base or run_config.get("pretrained_path", "")
   if variant is None:
     variant = run_config.get("pretrained_variant", "")
+  lora_scale = _lora_scale(run_config, mode, step_dir)
+  if mode == "lora":
+    return write_lora(params, lora_scale, output, dtype, base, variant)
   if not base:
     raise ValueError(
       f"The run of {step_dir} started from a random UNet (no pretrained_path); pass --base=DIR, "
@@ -353,6 +370,10 @@ def export(
     raise FileNotFoundError(f"No base pipeline folder at {base}.")
   kind = None if unet_only else loader.detect_kind(base)  # Checks model_index.json early.
   target = os.path.join(step_dir, "state")
+  if mode == "merge":
+    _, base_params = loader.load_unet(os.path.join(base, "unet"), variant=variant or None)
+    params = lora.merge(base_params, params, lora_scale)
+    del base_params
   write_unet(
     params, os.path.join(base, "unet"), os.path.join(output, "unet"), dtype, target, variant
   )
@@ -366,6 +387,60 @@ def export(
   return output
 
 
+def _lora_scale(run_config: dict[str, Any], mode: str, step_dir: str) -> float:
+  """alpha / rank of a LoRA run (0.0 for a full fine-tune), checked against `mode`."""
+  if mode not in ("", "lora", "merge"):
+    raise ValueError(f"mode={mode!r}; expected '', 'lora' or 'merge'.")
+  cfg = run_config.get("lora") or {}
+  rank = int(cfg.get("rank", 0))
+  if rank <= 0:
+    if mode:
+      raise ValueError(
+        f"--{mode} needs a LoRA run's checkpoint, but {step_dir} was trained without LoRA "
+        "(config.lora.rank = 0); export it without --lora / --merge."
+      )
+    return 0.0
+  if not mode:
+    raise ValueError(
+      f"{step_dir} holds LoRA adapters only (config.lora.rank = {rank}); pass --lora for a "
+      "diffusers LoRA file or --merge for a full UNet."
+    )
+  return float(cfg.get("alpha", 0.0) or rank) / rank
+
+
+def write_lora(
+  adapters: Params,
+  lora_scale: float,
+  output: str,
+  dtype: str = "float32",
+  base: str = "",
+  variant: str | None = None,
+) -> str:
+  """Writes `output/pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(output)`.
+
+  When the base folder is known, every adapted module is checked against the
+  base UNet's PyTorch keys first, so a LoRA for another architecture fails
+  here rather than as "unexpected keys" warnings in PyTorch.
+  """
+  state = lora.to_peft_state_dict(adapters, lora_scale)
+  if base and os.path.isdir(os.path.join(base, "unet")):
+    known = pytorch_unet_shapes(os.path.join(base, "unet"), variant or None)
+    for key, value in state.items():
+      if key.endswith(".lora_A.weight"):
+        module = key.removeprefix("unet.").removesuffix(".lora_A.weight")
+        want = known.get(f"{module}.weight")
+        if want is None or want[1] != value.shape[1]:
+          raise ValueError(
+            f"LoRA adapter for {module} (input {value.shape[1:]}) does not fit the base UNet "
+            f"in {base}/unet ({'no such module' if want is None else want}); pass the run's base "
+            "with --base."
+          )
+  os.makedirs(output, exist_ok=True)
+  path = os.path.join(output, LORA_WEIGHTS)
+  safetensors.numpy.save_file(cast_state_dict(state, dtype), path, metadata={"format": "pt"})
+  return output
+
+
 def main(argv: Sequence[str]) -> None:
   """`python -m dpo_jax.export`: see the module docstring."""
   from absl import flags
@@ -376,8 +451,14 @@ def main(argv: Sequence[str]) -> None:
     raise ValueError(f"Unexpected arguments: {argv[1:]}")
   logs.quiet_libraries()
   f = flags.FLAGS
-  path = export(f.checkpoint, f.output, f.base or None, f.dtype, f.unet_only, f.pretrained_variant)
-  print(f"Wrote {'the UNet' if f.unet_only else 'a diffusers pipeline'} to {path}")
+  if f.lora and f.merge:
+    raise ValueError("Pass at most one of --lora and --merge.")
+  mode = "lora" if f.lora else "merge" if f.merge else ""
+  path = export(
+    f.checkpoint, f.output, f.base or None, f.dtype, f.unet_only, f.pretrained_variant, mode
+  )
+  what = "a diffusers LoRA" if mode == "lora" else "the UNet" if f.unet_only else "a pipeline"
+  print(f"Wrote {what} to {path}")
 
 
 def _define_flags() -> None:
@@ -390,6 +471,10 @@ def _define_flags() -> None:
   flags.DEFINE_string("output", None, "Output folder (new or empty).", required=True)
   flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"], "UNet tensor dtype.")
   flags.DEFINE_bool("unet_only", False, "Write only unet/ (no other components, no README).")
+  flags.DEFINE_bool(
+    "lora", False, f"LoRA run: write only the adapters as {LORA_WEIGHTS} (diffusers/PEFT)."
+  )
+  flags.DEFINE_bool("merge", False, "LoRA run: write the full UNet with the adapters merged.")
   flags.DEFINE_string(
     "pretrained_variant",
     None,

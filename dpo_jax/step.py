@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dpo_jax import diffusion, losses
+from dpo_jax import diffusion, lora, losses
 from dpo_jax.models import unet as unet_lib
 
 Batch = dict[str, Any]
@@ -100,6 +100,11 @@ class StepSpec:
   kto_lambda_u: float = 1.0
   dspo_beta: float = 0.001
   sdpo_mu: float = 0.9
+  # LoRA (config.lora): 0 = off, the train state's params are the policy.
+  # Otherwise they are adapters and the policy is
+  # `lora.merge(ref_params, params, lora_scale)`: the frozen base *is* the
+  # reference, so the step holds one copy of the UNet.
+  lora_scale: float = 0.0
 
   def __post_init__(self):
     if self.objective == "rpo":
@@ -164,6 +169,13 @@ def _cast_params(spec: StepSpec, params: Any) -> Any:
   if spec.compute_param_dtype is None:
     return params
   return jax.tree.map(lambda p: p.astype(spec.compute_param_dtype), params)
+
+
+def policy_params(spec: StepSpec, params: Any, ref_params: Any) -> Any:
+  """The policy's full UNet weights: `params` itself, or base (= reference) + LoRA adapters."""
+  if not spec.lora_scale:
+    return params
+  return lora.merge(jax.tree.map(jax.lax.stop_gradient, ref_params), params, spec.lora_scale)
 
 
 def _row_mses(spec: StepSpec, params: Any, inputs: tuple[jax.Array, ...]) -> jax.Array:
@@ -418,8 +430,10 @@ def loss_and_grads(
   spec: StepSpec, params: Any, ref_params: Any, batch: Batch, rng: chex.PRNGKey
 ) -> tuple[jax.Array, Metrics, Any]:
   """Loss, metrics and gradients, accumulated over `spec.grad_accum` micro-batches."""
+  # With LoRA, `params` are the adapters: the gradient flows through the merge.
   grad_fn = jax.value_and_grad(
-    lambda p, b, r: objective_loss(spec, p, ref_params, b, r), has_aux=True
+    lambda p, b, r: objective_loss(spec, policy_params(spec, p, ref_params), ref_params, b, r),
+    has_aux=True,
   )
   if spec.grad_accum == 1:
     (loss, metrics), grads = grad_fn(params, batch, rng)
@@ -476,7 +490,8 @@ def train_step(
 
   Args:
     state: current train state (donated by the jitted version).
-    ref_params: frozen reference UNet params (never updated, never donated).
+    ref_params: frozen reference UNet params (never updated, never donated);
+      with LoRA also the base the adapters (`state.params`) are merged into.
     batch: global batch (see module docstring).
     rng: base PRNG key; the step folds in `state.step`, so a resumed run draws
       exactly the noise an uninterrupted run would.
@@ -510,7 +525,8 @@ def eval_step(
   params: Any, ref_params: Any, batch: Batch, rng: chex.PRNGKey, *, spec: StepSpec
 ) -> Metrics:
   """Objective metrics on a fixed batch with fixed noise (no gradients, no caption dropout)."""
-  loss, metrics = objective_loss(spec, params, ref_params, batch, rng, train=False)
+  policy = policy_params(spec, params, ref_params)
+  loss, metrics = objective_loss(spec, policy, ref_params, batch, rng, train=False)
   return dict(metrics, loss=loss)
 
 
@@ -616,6 +632,7 @@ def build_step_spec(
     kto_lambda_u=float(config.kto.lambda_u),
     dspo_beta=float(config.dspo.beta),
     sdpo_mu=float(config.sdpo.mu),
+    lora_scale=lora.scale(config) if lora.enabled(config) else 0.0,
   )
 
 

@@ -24,7 +24,10 @@ Resume order:
      (params, optimizer state, step, RNG key and data-iterator position).
   2. otherwise a fresh init from `config.pretrained_path`, else from `config.seed`.
 The frozen reference is never checkpointed: it is the *initial* policy,
-rebuilt deterministically at every start.
+rebuilt deterministically at every start. With LoRA (`config.lora.rank > 0`)
+the train state holds only the adapters and the reference doubles as the
+frozen base they are merged into (`step.policy_params`): one UNet copy, and
+checkpoints of adapters only (the base comes from `pretrained_path` again).
 """
 
 from __future__ import annotations
@@ -43,7 +46,16 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from dpo_jax import checkpoint, metrics, optim, preemption, preflight, sample_eval, sharding
+from dpo_jax import (
+  checkpoint,
+  lora,
+  metrics,
+  optim,
+  preemption,
+  preflight,
+  sample_eval,
+  sharding,
+)
 from dpo_jax import step as step_lib
 from dpo_jax.data import encode, sources
 from dpo_jax.models import build as build_lib
@@ -101,6 +113,9 @@ class Run:
   spec: step_lib.StepSpec
   state: step_lib.TrainState
   ref_params: Any
+  # (params, ref_params) -> the policy's full UNet weights (jitted); the
+  # identity on params unless LoRA is on.
+  policy_params: Callable[..., Any]
   train_rng: jax.Array
   eval_rng: jax.Array
   start_step: int
@@ -125,7 +140,8 @@ def _models_data_and_initial_params(
 
   Returns:
     (step spec, data, abstract train state, train-state shardings, initial
-    params sharded as `shardings.params`, the sample evaluator or None).
+    (base) params, their shardings, the sample evaluator or None). Without
+    LoRA the base shardings are the train state's `params` shardings.
 
   The `Models` object, and with it `models.pretrained_params` (a full host copy
   of the UNet weights, GBs for SDXL), is a local of this function only: once
@@ -145,14 +161,31 @@ def _models_data_and_initial_params(
   )
   rules = [tuple(r) for r in config.sharding_rules]
   abstract_params = jax.eval_shape(models.init_params, init_rng)
-  abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), abstract_params)
+  abstract_trained = jax.eval_shape(lambda p: _trained_params(config, p, init_rng), abstract_params)
+  abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), abstract_trained)
   state_sh = sharding.tree_shardings(abstract_state, mesh, rules, config.fsdp_min_size)
+  # The base under the paths a full fine-tune's state gives it ("params/..."),
+  # so the same sharding rules lay it out with or without LoRA.
+  base_sh = state_sh.params
+  if lora.enabled(config):
+    base_sh = sharding.tree_shardings(
+      {"params": abstract_params}, mesh, rules, config.fsdp_min_size
+    )["params"]
   if models.pretrained_params is not None:
-    init_params = jax.device_put(models.pretrained_params, state_sh.params)
+    init_params = jax.device_put(models.pretrained_params, base_sh)
   else:
-    init_params = jax.jit(models.init_params, out_shardings=state_sh.params)(init_rng)
+    init_params = jax.jit(models.init_params, out_shardings=base_sh)(init_rng)
   evaluator = sample_eval.make_sample_eval(config, workdir, mesh, models.pipeline)
-  return spec, data, abstract_state, state_sh, init_params, evaluator
+  return spec, data, abstract_state, state_sh, init_params, base_sh, evaluator
+
+
+def _trained_params(config: ml_collections.ConfigDict, base: Any, init_rng: jax.Array) -> Any:
+  """What the optimizer trains from `base`: the base itself, or fresh LoRA adapters (B = 0)."""
+  if not lora.enabled(config):
+    return base
+  # A key of its own: the adapters' A must not repeat the UNet init's draws.
+  rng = jax.random.fold_in(init_rng, 0x10A)
+  return lora.init_adapters(base, rng, int(config.lora.rank), config.lora.targets)
 
 
 def _stack_micro_batches(micro: list[Any]) -> Any:
@@ -218,7 +251,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Pree
   )
   tx, lr_fn = optim.make_optimizer(config.optim, config.max_steps)
   init_rng, _, _ = split_rngs(config.seed)
-  spec, data, abstract_state, state_sh, init_params, sample_evaluator = (
+  spec, data, abstract_state, state_sh, init_params, base_sh, sample_evaluator = (
     _models_data_and_initial_params(config, workdir, mesh, tx, lr_fn, init_rng)
   )
   param_sh = state_sh.params
@@ -233,7 +266,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Pree
   # runs forward passes). A separate buffer, so donating the state never
   # touches it.
   ref_params = jax.jit(
-    lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p), out_shardings=param_sh
+    lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p), out_shardings=base_sh
   )(init_params)
 
   manager = checkpoint.make_manager(
@@ -245,7 +278,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Pree
   }
   restored = checkpoint.restore_latest_valid(manager, ckpt_abstract)
   if restored is None:
-    state = jax.jit(lambda p: step_lib.init_train_state(p, tx), out_shardings=state_sh)(init_params)
+    state = jax.jit(
+      lambda p: step_lib.init_train_state(_trained_params(config, p, init_rng), tx),
+      out_shardings=state_sh,
+    )(init_params)
     start_step = 0
     logging.info("No checkpoint in %s: starting from step 0.", workdir)
   else:
@@ -274,7 +310,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Pree
   if start_step < config.max_steps:  # A finished run is neither compiled nor evaluated again.
     # Ahead-of-time compile: shape/sharding errors surface before any data is
     # read, and the cost analysis gives the step's FLOPs for MFU.
-    lowered = step_lib.jit_train_step(spec, state_sh, param_sh, batch_sh, repl).lower(
+    lowered = step_lib.jit_train_step(spec, state_sh, base_sh, batch_sh, repl).lower(
       state, ref_params, batch_abstract, train_rng
     )
     compiled = lowered.compile()
@@ -295,11 +331,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Pree
     spec=spec,
     state=state,
     ref_params=ref_params,
+    policy_params=jax.jit(
+      lambda p, r: step_lib.policy_params(spec, p, r),
+      in_shardings=(param_sh, base_sh),
+      out_shardings=base_sh,
+    ),
     train_rng=train_rng,
     eval_rng=eval_rng,
     start_step=start_step,
     train_step=compiled,
-    eval_step=step_lib.jit_eval_step(spec, param_sh, param_sh, batch_sh, repl),
+    eval_step=step_lib.jit_eval_step(spec, param_sh, base_sh, batch_sh, repl),
     eval_batch=eval_batch,
     next_batch=next_batch,
     flops=flops,
@@ -385,7 +426,10 @@ def train_loop(run: Run) -> dict[str, Any]:
         slow_work = True
 
       if run.sample_evaluator and (step % config.sample_eval.every == 0 or is_last):
-        eval_metrics.update(run.sample_evaluator(step, state.params, writer))
+        policy = state.params
+        if run.spec.lora_scale:  # Samples with the adapters merged in (a transient full copy).
+          policy = run.policy_params(state.params, run.ref_params)
+        eval_metrics.update(run.sample_evaluator(step, policy, writer))
         slow_work = True
 
       if step % config.checkpoint_every == 0 or is_last:

@@ -57,7 +57,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dpo_jax import optim, sharding  # noqa: E402
+from dpo_jax import lora, optim, sharding  # noqa: E402
 from dpo_jax import step as step_lib  # noqa: E402
 from dpo_jax.models import architectures  # noqa: E402
 from dpo_jax.models import unet as unet_lib  # noqa: E402
@@ -126,8 +126,18 @@ def plan(
 
   t0 = time.perf_counter()
   abstract_params = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
-  abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), abstract_params)
+  trained = abstract_params
+  if lora.enabled(c):  # Only the adapters are trained; the reference is the frozen base.
+    trained = jax.eval_shape(
+      lambda p: lora.init_adapters(p, jax.random.PRNGKey(0), int(c.lora.rank), c.lora.targets),
+      abstract_params,
+    )
+  abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), trained)
   state_sh = sharding.tree_shardings(abstract_state, mesh, rules, c.fsdp_min_size)
+  ref_sh = state_sh.params
+  if lora.enabled(c):
+    ref_sh = sharding.tree_shardings({"params": abstract_params}, mesh, rules, c.fsdp_min_size)
+    ref_sh = ref_sh["params"]
   ref_dtype = unet_lib.parse_dtype(c.precision.ref_dtype)
   abstract_ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, ref_dtype), abstract_params)
   batch_sh = sharding.batch_sharding(mesh)
@@ -143,7 +153,7 @@ def plan(
       "time_ids": jax.ShapeDtypeStruct((micro, 6), jnp.float32),
     }
   batch_shs = jax.tree.map(lambda _: batch_sh, batch)
-  fn = step_lib.jit_train_step(spec, state_sh, state_sh.params, batch_shs, repl)
+  fn = step_lib.jit_train_step(spec, state_sh, ref_sh, batch_shs, repl)
   lowered = fn.lower(abstract_state, abstract_ref, batch, jax.random.PRNGKey(0))
   # The lowered HLO is not yet partitioned: these are the whole mesh's FLOPs.
   flops_global = step_lib.lowered_flops(lowered)
@@ -160,9 +170,7 @@ def plan(
   enc = {}
   if encode_stage:
     enc = plan_encode(config, kind, mesh, micro, compile_step)
-  persistent = _bytes_per_device(abstract_state, state_sh) + _bytes_per_device(
-    abstract_ref, state_sh.params
-  )
+  persistent = _bytes_per_device(abstract_state, state_sh) + _bytes_per_device(abstract_ref, ref_sh)
   peak = persistent + temp_bytes
   if enc:
     peak = (
@@ -182,7 +190,9 @@ def plan(
     "pairs_per_micro_step": micro,
     "grad_accum": accum,
     "param_and_opt_bytes_per_device": _bytes_per_device(abstract_state, state_sh),
-    "reference_bytes_per_device": _bytes_per_device(abstract_ref, state_sh.params),
+    "reference_bytes_per_device": _bytes_per_device(abstract_ref, ref_sh),
+    "lora_rank": int(c.lora.rank) if lora.enabled(c) else 0,
+    "trained_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trained)),
     "temp_bytes_per_device": temp_bytes,
     "flops_per_device_per_micro_step": flops_global / mesh.size,
     "flops_per_pair": flops_global / micro,
@@ -315,9 +325,16 @@ def main(argv: list[str]) -> None:
   print(
     f"{kind} {r['objective']} mesh data={r['mesh']['data']} fsdp={r['mesh']['fsdp']}"
     f" remat={r['remat']} attention={r['attention']}:"
-    f" UNet {r['unet_params'] / 1e6:.0f}M params\n"
+    f" UNet {r['unet_params'] / 1e6:.0f}M params"
+    + (
+      f", LoRA rank {r['lora_rank']}: {r['trained_params'] / 1e6:.2f}M trained"
+      if r["lora_rank"]
+      else ""
+    )
+    + "\n"
     f"  params + optimizer state / device: {_gib(r['param_and_opt_bytes_per_device'])}\n"
-    f"  frozen reference / device:         {_gib(r['reference_bytes_per_device'])}\n"
+    f"  frozen reference{' (= LoRA base)' if r['lora_rank'] else ''} / device:"
+    f" {_gib(r['reference_bytes_per_device'])}\n"
     f"  XLA temp (activations) / device:   {temp}"
     f" (micro-step of {r['pairs_per_micro_step']} pairs)\n"
     f"  FLOPs / pair (lowered HLO): {r['flops_per_pair'] / 1e12:.2f} T;"
