@@ -400,7 +400,8 @@ def objective_loss(
     if spec.reference_forward == "separate":
       # The differentiated forward's residuals give both the MSEs and the scale.
       res_w, res_l = pair_residuals(spec, params, batch, noise, t)
-      sq_mean = lambda r: jnp.mean(jnp.square(r), axis=tuple(range(1, r.ndim)))
+      # The same reduction as `diffusion.per_sample_mse` (the reference's MSE).
+      sq_mean = lambda r: jnp.mean(jnp.square(r).reshape(r.shape[0], -1), axis=1)
       pol_w, pol_l = sq_mean(res_w), sq_mean(res_l)
       ref_w, ref_l = jax.tree.map(
         jax.lax.stop_gradient, pair_mses(spec, ref_params, batch, noise, t)

@@ -119,7 +119,10 @@ def test_one_step_lowers_loss_on_fixed_batch(objective):
   if objective in ("dpo", "sdpo"):
     assert float(before["loss"]) == pytest.approx(math.log(2.0), abs=1e-6)
   if objective == "kto":  # Every z = 0 at policy == reference: mean(w * (1 - 1/2)).
-    assert float(before["loss"]) == pytest.approx(0.5, abs=1e-6)
+    # Up to the float32 gap of separately traced forwards (~1e-7 x beta 1000; the
+    # signed labels keep it from cancelling as DPO's differences do).
+    assert float(before["max_abs_logit"]) < step_lib.REFERENCE_MATCH_TOL
+    assert float(before["loss"]) == pytest.approx(0.5, abs=1e-3)
   if objective == "dspo":  # No shift at policy == reference: the winners' MSE.
     np.testing.assert_allclose(float(before["loss"]), float(before["model_mse_w"]), rtol=1e-6)
   if objective == "mapo":  # No reference: its terms from the policy's own MSEs.
