@@ -81,6 +81,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.watchdog.factor = 10.0
   c.watchdog.min_seconds = 120.0
 
+  # Divergence alarm (dpo_jax.diagnostics.DivergenceAlarm), on every logged train
+  # step: trips when drift_rel (max |policy - reference MSE| / reference MSE,
+  # winners or losers) > drift_threshold, or when grad_norm > grad_norm_jump x
+  # the median of the previous `window` steps. 0 = that check off. action:
+  # "warn" (log), "stop" (save a checkpoint, then raise DivergenceError: exit
+  # status 1, the message names metric, value and threshold) or "off".
+  c.alarm = ml_collections.ConfigDict()
+  c.alarm.action = "warn"
+  c.alarm.drift_threshold = 1.0
+  c.alarm.grad_norm_jump = 10.0
+  c.alarm.window = 20
+
   # Device mesh: product must equal the device count; -1 = all remaining.
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dpo_jax import diffusion, lora, losses
+from dpo_jax import diagnostics, diffusion, lora, losses
 from dpo_jax.models import unet as unet_lib
 
 Batch = dict[str, Any]
@@ -361,15 +361,15 @@ def objective_loss(
     mse_w, _ = pair_mses(spec, params, batch, noise, t, with_loser=False)
     return losses.sft_loss(mse_w)
   if spec.objective == "dpo":
-    return losses.dpo_loss(
-      *_policy_and_ref_mses(spec, params, ref_params, batch, noise, t), spec.beta
-    )
+    mses = _policy_and_ref_mses(spec, params, ref_params, batch, noise, t)
+    return with_pair_diagnostics(spec, losses.dpo_loss(*mses, spec.beta), mses, t)
   if spec.objective == "rpo":
     # Caption dropout changes the conditioning, not which prompts the pairs
     # are about, so the similarity uses the original embeddings.
     sim = rpo_similarity(batch["rpo_embeds"])
     mses = _policy_and_ref_mses(spec, params, ref_params, batch, noise, t)
-    return losses.rpo_loss(*mses, sim, spec.beta, spec.rpo_tau)
+    out = losses.rpo_loss(*mses, sim, spec.beta, spec.rpo_tau)
+    return with_pair_diagnostics(spec, out, mses, t)
   if spec.objective == "mapo":
     # Reference-free: one policy forward on winner and loser, no reference forward.
     mse_w, mse_l = pair_mses(spec, params, batch, noise, t)
@@ -416,6 +416,22 @@ def objective_loss(
     scale = losses.sdpo_loser_scale(res_w, res_l, spec.sdpo_mu)
     return losses.sdpo_loss(pol_w, pol_l, ref_w, ref_l, spec.beta, scale)
   raise ValueError(f"Unknown objective {spec.objective!r}; expected one of {OBJECTIVES}.")
+
+
+def with_pair_diagnostics(
+  spec: StepSpec,
+  loss_and_metrics: tuple[jax.Array, Metrics],
+  mses: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+  t: jax.Array,
+) -> tuple[jax.Array, Metrics]:
+  """Adds `diagnostics.pair_diagnostics` of (policy_w, policy_l, ref_w, ref_l) [B] MSEs at [B] t.
+
+  For any objective with winner/loser policy and reference MSEs; the step
+  `finalize`s them after the micro-batch average.
+  """
+  loss, metrics = loss_and_metrics
+  diag = diagnostics.pair_diagnostics(*mses, t, spec.beta, spec.num_train_timesteps)
+  return loss, {**metrics, **jax.lax.stop_gradient(diag)}
 
 
 def _split_micro(x: jax.Array, n: int) -> jax.Array:
@@ -503,6 +519,7 @@ def train_step(
   step_rng = jax.random.fold_in(rng, state.step)
   lr = spec.lr_fn(schedule_count(state))
   loss, metrics, grads = loss_and_grads(spec, state.params, ref_params, batch, step_rng)
+  metrics = diagnostics.finalize(metrics)  # After the micro-batch mean (bucket ratios).
   # A non-finite loss with finite gradients must not slip through either.
   grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
   grad_norm = optax.tree.norm(grads)
@@ -528,7 +545,7 @@ def eval_step(
   """Objective metrics on a fixed batch with fixed noise (no gradients, no caption dropout)."""
   policy = policy_params(spec, params, ref_params)
   loss, metrics = objective_loss(spec, policy, ref_params, batch, rng, train=False)
-  return dict(metrics, loss=loss)
+  return dict(diagnostics.finalize(metrics), loss=loss)
 
 
 def jit_train_step(spec: StepSpec, state_shardings, ref_shardings, batch_shardings, replicated):

@@ -56,6 +56,7 @@ from dpo_jax import (
   sample_eval,
   sharding,
 )
+from dpo_jax import diagnostics as diag_lib
 from dpo_jax import step as step_lib
 from dpo_jax.data import encode, sources
 from dpo_jax.models import build as build_lib
@@ -98,6 +99,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     config.data.global_batch_size, config.optim.grad_accum, num_devices, "data.global_batch_size"
   )
   sharding.check_batch_layout(config.data.eval_batch_size, 1, num_devices, "data.eval_batch_size")
+  diag_lib.DivergenceAlarm.from_config(config.alarm)
 
 
 @dataclasses.dataclass
@@ -371,6 +373,7 @@ def train_loop(run: Run) -> dict[str, Any]:
     writer.write_hparams(_flat_hparams(config))
   progress = metrics.ProgressLog(config.max_steps, config.data.global_batch_size, run.start_step)
   watchdog = preemption.Watchdog(config.watchdog.factor, config.watchdog.min_seconds)
+  alarm = diag_lib.DivergenceAlarm.from_config(config.alarm)
   history: list[dict[str, float]] = []
   pending: list[tuple[int, dict[str, jax.Array]]] = []
   last_log_time, last_log_step = time.perf_counter(), run.start_step
@@ -405,13 +408,23 @@ def train_loop(run: Run) -> dict[str, Any]:
           else float("nan")
         )
         last_log_time, last_log_step = now, step
+        trips = []
         for s, vals in fetched:
           row = {k: float(v) for k, v in vals.items()}
           row["pairs_per_sec"] = pairs_per_s
           history.append({"step": s, **row})
           writer.write_scalars(s, {f"train/{k}": v for k, v in row.items()})
+          trips.append(alarm.update(s, row))
         # Visible to `tail -f`, TensorBoard and scripts while the run goes on.
         writer.flush()
+        trip = next((t for t in trips if t is not None), None)
+        if trip is not None and alarm.action == "stop":
+          # Saved (the state after `step`) so the diverged run can be inspected
+          # or resumed with other settings; `finish` waits for the save.
+          _save(run, state, step, force=True)
+          raise diag_lib.DivergenceError(
+            f"{trip.message} Stopped after saving step {step} (config.alarm.action='stop')."
+          )
         _check_nonfinite(history[-1], config.optim.max_consecutive_nonfinite)
         progress.maybe_log(step, history[-1]["loss"], force=is_last)
 
@@ -433,14 +446,7 @@ def train_loop(run: Run) -> dict[str, Any]:
         slow_work = True
 
       if step % config.checkpoint_every == 0 or is_last:
-        checkpoint.save(
-          run.manager,
-          step,
-          {"train_state": state, "rng": run.train_rng},
-          run.data.train.get_state(),
-          _meta(config, step, run.mesh),
-          force=is_last,
-        )
+        _save(run, state, step, force=is_last)
         slow_work = True
       if slow_work:
         watchdog.tick(step, measure=False)
@@ -458,7 +464,19 @@ def train_loop(run: Run) -> dict[str, Any]:
     "history": history,
     "flops_per_step": run.flops,
     "preempted": preempted,
+    "alarms": alarm.trips,
   }
+
+
+def _save(run: Run, state: Any, step: int, force: bool) -> None:
+  checkpoint.save(
+    run.manager,
+    step,
+    {"train_state": state, "rng": run.train_rng},
+    run.data.train.get_state(),
+    _meta(run.config, step, run.mesh),
+    force=force,
+  )
 
 
 def finish(run: Run) -> None:
@@ -485,7 +503,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     {"state": final TrainState, "train": last step's metrics (host floats),
      "eval": final eval metrics, "history": list of per-step metric dicts of
      this invocation, "flops_per_step", "preempted": whether a SIGTERM /
-     preemption notice ended the run early (after saving)}.
+     preemption notice ended the run early (after saving), "alarms": the
+     divergence alarm's `diagnostics.Trip`s}.
+
+  Raises:
+    diagnostics.DivergenceError: the divergence alarm fired with
+      `config.alarm.action="stop"` (after saving that step's checkpoint).
   """
   # Inputs first (pipeline folder, data, cache): a wrong path is an error
   # before the workdir, its config.json or any metric file exists.
