@@ -187,7 +187,7 @@ def test_lora_run_starts_at_log2_and_checkpoints_only_adapters(run):
   arrays = {
     sharding.path_to_str(p): m.shape
     for p, m in jax.tree_util.tree_leaves_with_path(tree)
-    if len(m.shape) > 0
+    if len(m.shape) > 0 and sharding.path_to_str(p).startswith("train_state/")
   }
   base = safetensors.numpy.load_file(os.path.join(run[0], "unet", export.UNET_WEIGHTS))
   projections = [k for k in base if re.search(r"\.(to_q|to_k|to_v|to_out\.0)\.weight$", k)]
