@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import safetensors.numpy  # noqa: E402
 import torch  # noqa: E402
+from etils import epath  # noqa: E402
 from flax.traverse_util import flatten_dict  # noqa: E402
 
 from dpo_jax import checkpoint, export, lora, optim, sharding, trainer  # noqa: E402
@@ -138,8 +139,14 @@ def test_lora_steps_agree_on_one_and_eight_devices():
   np.testing.assert_allclose(l1, l8, rtol=1e-4)
   b = [np.abs(x).max() for k, x in flatten_dict(p1).items() if k[-1] == "lora_B"]
   assert max(b) > 1e-4  # B moved off 0, so the comparison below means something.
+  # Adam steps are ~lr (1e-3) per element whatever the gradient's size, so a
+  # wrong gradient on either mesh shows at that scale; float reassociation
+  # moves a few elements by ~1e-5.
+  num = np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8))))
+  den = np.sqrt(sum(np.sum(y**2) for y in jax.tree.leaves(p8)))
+  assert num / den < 1e-4, (num, den)
   for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(x, y, rtol=1e-3, atol=5e-5)
 
 
 @pytest.fixture(scope="module")
@@ -176,13 +183,13 @@ def test_lora_run_starts_at_log2_and_checkpoints_only_adapters(run):
   assert losses[0] == np.float32(np.log(2.0)) and losses[1] != losses[0]
   assert np.isfinite(result["eval"]["loss"])
   step_dir = checkpoint.resolve_step_dir(workdir)
-  tree = checkpoint._read_tree_metadata(os.path.join(step_dir, "state"))
+  tree = checkpoint._read_tree_metadata(epath.Path(step_dir) / "state")
   arrays = {
     sharding.path_to_str(p): m.shape
     for p, m in jax.tree_util.tree_leaves_with_path(tree)
-    if len(m.shape) > 0
+    if len(m.shape) > 0 and sharding.path_to_str(p).startswith("train_state/")
   }
-  base = safetensors.numpy.load_file(os.path.join(run[0], "unet", export.WEIGHTS))
+  base = safetensors.numpy.load_file(os.path.join(run[0], "unet", export.UNET_WEIGHTS))
   projections = [k for k in base if re.search(r"\.(to_q|to_k|to_v|to_out\.0)\.weight$", k)]
   # Params and both AdamW moments, adapters only: every attention projection x (A, B).
   assert len(arrays) == 3 * 2 * len(projections) > 0, sorted(arrays)
@@ -236,7 +243,10 @@ def test_pytorch_load_lora_weights_matches_dpo_jax(run, tmp_path):
   key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_A.weight"
   assert key in state, sorted(state)[:4]
   pipe, messages = _load_lora_logged(pipe_dir, lora_dir)
-  assert messages == []
+  # diffusers' one warning for *every* UNet-only LoRA (its own DPO LoRA
+  # script's too), which it calls "safe to ignore": no text-encoder keys.
+  benign = "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'"
+  assert [m for m in messages if not m.startswith(benign)] == [], messages
 
   x, t, context, _ = torch_unet_inputs("sd15", pipe.unet.config.cross_attention_dim)
   with torch.no_grad():
@@ -278,8 +288,8 @@ def test_export_merge_and_errors(run, tmp_path):
   pipe_dir, workdir, _ = run
   adapters, _ = checkpoint.load_params_for_inference(workdir)
   out = export.export(workdir, str(tmp_path / "merged"), unet_only=True, mode="merge")
-  merged = safetensors.numpy.load_file(os.path.join(out, "unet", export.WEIGHTS))
-  base = safetensors.numpy.load_file(os.path.join(pipe_dir, "unet", export.WEIGHTS))
+  merged = safetensors.numpy.load_file(os.path.join(out, "unet", export.UNET_WEIGHTS))
+  base = safetensors.numpy.load_file(os.path.join(pipe_dir, "unet", export.UNET_WEIGHTS))
   assert set(merged) == set(base)
   mod = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
   ad = flatten_dict(adapters)
