@@ -272,3 +272,38 @@ def test_eval_step_applies_no_caption_dropout():
     lambda p, b, k: step_lib.objective_loss(dropping, p, p, b, k, train=True)
   )(params, batch, rng)
   assert float(train_metrics["model_mse_w"]) != float(ev(spec)["model_mse_w"])
+
+
+def test_sdpo_step_scales_exactly_the_losers_gradient():
+  """SDPO through the step = winner's + lam x loser's MSE gradient; lam from the residuals."""
+  spec, params, batch = _setup_cached("sdpo")
+  # Move the policy off the reference so the DPO weights are not all 1/2.
+  policy = jax.tree.map(lambda p: p * 1.05, params)
+  rng = jax.random.PRNGKey(3)
+  noise, t = diffusion.sample_noise_and_timesteps(rng, batch["latents_w"].shape, 1000)
+
+  @jax.jit
+  def sdpo_grad_and_residuals(p):
+    g = jax.grad(lambda q: step_lib.objective_loss(spec, q, params, batch, rng, train=False)[0])(p)
+    ref_mses = step_lib.pair_mses(spec, params, batch, noise, t)
+    return g, step_lib.pair_residuals(spec, p, batch, noise, t), ref_mses
+
+  @jax.jit
+  def mse_vjp(p, cotangents):
+    _, vjp = jax.vjp(lambda q: step_lib.pair_mses(spec, q, batch, noise, t), p)
+    return vjp(cotangents)[0]
+
+  g_sdpo, residuals, ref_mses = sdpo_grad_and_residuals(policy)
+  ew, el = (np.asarray(r, np.float64) for r in residuals)
+  n = ew.size
+  num, den = np.sum((2 * ew / n) ** 2), np.sum((2 * ew / n) * (2 * el / n))
+  lam = float(np.clip((1 - spec.sdpo_mu) * num / (den + 1e-9), 0, 1)) if den > 0 else 1.0
+  m_w, m_l = (np.mean(e**2, axis=(1, 2, 3)) for e in (ew, el))
+  r_w, r_l = (np.asarray(x, np.float64) for x in ref_mses)
+  inside = -0.5 * spec.beta * ((m_w - m_l) - (r_w - r_l))
+  # d mean(-log sigmoid(inside)) / d m_w = sigmoid(-inside) beta / 2 / B; the loser's is -that.
+  d_w = 0.5 * spec.beta / (1 + np.exp(inside)) / len(inside)
+  g_ref = mse_vjp(policy, (jnp.asarray(d_w, jnp.float32), jnp.asarray(-lam * d_w, jnp.float32)))
+  assert lam < 1.0  # The safeguard is active on this batch (otherwise it is plain DPO).
+  for a, b in zip(jax.tree.leaves(g_sdpo), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-7)
