@@ -97,7 +97,10 @@ def main(argv: Sequence[str]) -> None:
   del argv
   fv = flags.FLAGS
   output = fv.output or os.path.join(fv.workdir, "report")
-  panels = report(fv.workdir, output)
+  try:
+    panels = report(fv.workdir, output)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"error: {e}") from None  # One line, exit status 1.
   print(f"Wrote {', '.join(f'{p}.png' for p in panels)} to {output}")
 
 
