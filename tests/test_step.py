@@ -304,6 +304,13 @@ def test_sdpo_step_scales_exactly_the_losers_gradient():
   # d mean(-log sigmoid(inside)) / d m_w = sigmoid(-inside) beta / 2 / B; the loser's is -that.
   d_w = 0.5 * spec.beta / (1 + np.exp(inside)) / len(inside)
   g_ref = mse_vjp(policy, (jnp.asarray(d_w, jnp.float32), jnp.asarray(-lam * d_w, jnp.float32)))
+  g_dpo = mse_vjp(policy, (jnp.asarray(d_w, jnp.float32), jnp.asarray(-d_w, jnp.float32)))
   assert lam < 1.0  # The safeguard is active on this batch (otherwise it is plain DPO).
-  for a, b in zip(jax.tree.leaves(g_sdpo), jax.tree.leaves(g_ref)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-7)
+  # float32 UNet gradients (some leaves nearly cancel to ~1e-7): compare on the global scale.
+  scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(g_ref))
+  max_dpo_gap = 0.0
+  for a, b, c in zip(*(jax.tree.leaves(g) for g in (g_sdpo, g_ref, g_dpo))):
+    a, b, c = np.asarray(a), np.asarray(b), np.asarray(c)
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale)
+    max_dpo_gap = max(max_dpo_gap, np.max(np.abs(a - c)) / scale)
+  assert max_dpo_gap > 1e-2  # Plain DPO's gradient would not pass the comparison above.
