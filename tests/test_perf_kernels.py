@@ -100,13 +100,22 @@ def test_one_pass_group_norm_matches_flax_and_torch(offset):
   x, params = _norm_inputs(jnp.float32, offset)
   ours, flax_gn = GroupNorm(4, 1e-5), nn.GroupNorm(4, epsilon=1e-5, use_fast_variance=False)
   y = ours.apply(params, x)
-  np.testing.assert_allclose(y, flax_gn.apply(params, x), atol=2e-5, rtol=1e-5)
   t = torch.nn.GroupNorm(4, 16, eps=1e-5).double()
   with torch.no_grad():
     t.weight.copy_(torch.from_numpy(np.asarray(params["params"]["scale"], np.float64)))
     t.bias.copy_(torch.from_numpy(np.asarray(params["params"]["bias"], np.float64)))
     ref = t(torch.from_numpy(np.asarray(x, np.float64)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-  np.testing.assert_allclose(y, ref.numpy(), atol=2e-5, rtol=1e-5)
+  ref = ref.numpy()
+  # Against float64 on the same float32 inputs. At offset 300 the inputs' own
+  # rounding (ulp 1e-4 at 1200, std 0.5) bounds any float32 method at ~2e-4;
+  # Flax's two-pass form is off by ~1e-3 there, an unshifted one-pass by O(1).
+  atol = 2e-5 if offset == 0 else 3e-4
+  np.testing.assert_allclose(y, ref, atol=atol, rtol=1e-5)
+  flax_y = flax_gn.apply(params, x)
+  assert np.abs(y - ref).max() <= np.abs(flax_y - ref).max() + 1e-6
+  if offset:
+    return
+  np.testing.assert_allclose(y, flax_y, atol=2e-5, rtol=1e-5)
   w = jax.random.normal(jax.random.PRNGKey(3), x.shape)
   grads = [
     jax.grad(lambda p, x, m=m: jnp.sum(w * m.apply(p, x)), argnums=(0, 1))(params, x)

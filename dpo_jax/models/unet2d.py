@@ -126,8 +126,8 @@ class GroupNorm(nn.Module):
   """`flax.linen.GroupNorm` (parameters `scale`, `bias` [C]) computed in one pass.
 
   Per group, the sum and the sum of squares are taken in one read of x
-  (float32), and folded into a per-channel scale and shift, so the
-  normalisation is one multiply-add: x * a + b. Flax's two-pass form reads x
+  (float32), and folded into a per-channel mean and scale, so the
+  normalisation is one elementwise pass: (x - m) * a + b. Flax's two-pass form reads x
   three times (mean, variance, normalise); on CPU this is 2-3x faster.
 
   E[x^2] - E[x]^2 loses digits when a group's mean is large against its
@@ -165,11 +165,14 @@ class GroupNorm(nn.Module):
     mean_d = jnp.sum(d, axis=(1, 3), keepdims=True) / n
     var = jnp.maximum(jnp.sum(d * d, axis=(1, 3), keepdims=True) / n - mean_d * mean_d, 0.0)
     inv = jax.lax.rsqrt(var + self.epsilon)  # [B, 1, G, 1]
-    a = scale.astype(jnp.float32).reshape(g, c // g) * inv  # [B, 1, G, C/G]
-    shift_out = bias.astype(jnp.float32).reshape(g, c // g) - (mean_d + shift) * a
-    a = a.reshape(b, *([1] * (x.ndim - 2)), c)
-    shift_out = shift_out.reshape(b, *([1] * (x.ndim - 2)), c)
-    return (x.astype(jnp.float32) * a + shift_out).astype(dtype)
+    per_channel = lambda t: jnp.broadcast_to(t, (b, 1, g, c // g)).reshape(
+      b, *([1] * (x.ndim - 2)), c
+    )
+    a = per_channel(scale.astype(jnp.float32).reshape(g, c // g) * inv)
+    mean = per_channel(mean_d + shift)
+    # (x - mean) * a + bias, not x * a + (bias - mean * a): the latter subtracts
+    # two large numbers where the mean is large against the spread.
+    return ((x.astype(jnp.float32) - mean) * a + bias.astype(jnp.float32)).astype(dtype)
 
 
 def _group_norm(groups: int, eps: float, dtype, name: str) -> GroupNorm:
