@@ -48,7 +48,7 @@ from benchmarks import results_io  # noqa: E402
 from configs import common  # noqa: E402
 from dpo_jax import optim, sample  # noqa: E402
 from dpo_jax import step as step_lib  # noqa: E402
-from dpo_jax.models import architectures, conditioning, loader, unet2d  # noqa: E402
+from dpo_jax.models import architectures, conditioning, loader  # noqa: E402
 from dpo_jax.models import unet as unet_lib  # noqa: E402
 from dpo_jax.tools import make_tiny_pipeline as tiny  # noqa: E402
 
@@ -173,18 +173,9 @@ def torch_step_fn(folder: str, batch: dict[str, Any], dtype: str) -> Callable[[]
 
 # Ablations (--ablations): dpo_jax's step as it was before each speed-up, in the same run.
 ABLATIONS = {
-  "before (xla attention, Flax two-pass GroupNorm)": ("xla", True),
-  "+ chunked flash attention": ("chunked", True),
-  "+ one-pass GroupNorm (current default)": (None, False),
+  "before (xla attention)": "xla",
+  "+ chunked flash attention (current default on CPU)": None,
 }
-
-
-def _flax_group_norm(groups: int, eps: float, dtype, name: str):
-  import flax.linen as nn
-
-  return nn.GroupNorm(
-    num_groups=groups, epsilon=eps, dtype=dtype, use_fast_variance=False, name=name
-  )
 
 
 def jax_step_fn(
@@ -192,12 +183,10 @@ def jax_step_fn(
   batch: dict[str, Any],
   dtype: str,
   attention: str | None = None,
-  flax_group_norm: bool = False,
 ) -> Callable[[], None]:
   """dpo_jax's jitted DPO step (state donated) on `folder`'s UNet; a closure running one step.
 
-  `attention`: `config.model.attention` (None: the config default);
-  `flax_group_norm`: trace with Flax's two-pass GroupNorm (the ablation).
+  `attention`: `config.model.attention` (None: the config default).
   """
   c = common.get_base_config()
   c.optim.lr, c.optim.warmup_frac, c.optim.clip_norm, c.optim.weight_decay = LR, 0.0, 1.0, 1e-2
@@ -221,22 +210,7 @@ def jax_step_fn(
     state[0], metrics = fn(state[0], ref, jbatch, key)
     jax.block_until_ready(metrics)
 
-  if not flax_group_norm:
-    return run
-  traced = []
-
-  def run_patched() -> None:
-    if traced:  # Traced (and compiled) already: the patch is baked in.
-      return run()
-    saved = unet2d._group_norm
-    unet2d._group_norm = _flax_group_norm
-    try:
-      run()
-    finally:
-      unet2d._group_norm = saved
-    traced.append(True)
-
-  return run_patched
+  return run
 
 
 def compare_step(
@@ -248,9 +222,9 @@ def compare_step(
     "dpo_jax": jax_step_fn(folder, batch, dtype),
   }
   if ablations:
-    for name, (attention, flax_gn) in ABLATIONS.items():
+    for name, attention in ABLATIONS.items():
       if attention is not None:
-        fns[name] = jax_step_fn(folder, batch, dtype, attention, flax_gn)
+        fns[name] = jax_step_fn(folder, batch, dtype, attention)
   times = _median_alternating(fns, iters, warmup=2)
   pt, jx = float(np.median(times["pytorch"])), float(np.median(times["dpo_jax"]))
   out = {"pairs": pairs, "pytorch_s": pt, "dpo_jax_s": jx, "ratio": jx / pt, "times": times}

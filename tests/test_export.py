@@ -31,6 +31,7 @@ import safetensors.numpy  # noqa: E402
 import torch  # noqa: E402
 
 from dpo_jax import checkpoint, export, trainer  # noqa: E402
+from dpo_jax import step as step_lib  # noqa: E402
 from dpo_jax.data import sources  # noqa: E402
 from dpo_jax.models import loader  # noqa: E402
 from dpo_jax.models.unet import make_unet_apply  # noqa: E402
@@ -99,9 +100,12 @@ def test_dpo_steps_on_tiny_pipeline(kind, runs):
   _, workdir, _, meta, _, result = runs[kind]
   losses = [h["loss"] for h in result["history"]]
   assert len(losses) == 3 and all(np.isfinite(losses))
-  # Step 1: policy == reference -> exactly log 2 (warmup lr is 0 at step 1, so
-  # step 2 too); then the policy moves.
-  assert losses[0] == pytest.approx(np.log(2.0), abs=1e-6)
+  # Step 1: policy == reference -> log 2. float32 compute traces the policy
+  # and reference forwards separately (precision.reference_forward "auto"),
+  # which differ by rounding (logits ~1e-3 here with chunked attention), so
+  # log 2 up to that, within what `check_reference_match` accepts.
+  assert abs(result["history"][0]["max_abs_logit"]) < step_lib.REFERENCE_MATCH_TOL
+  assert losses[0] == pytest.approx(np.log(2.0), abs=step_lib.REFERENCE_MATCH_TOL)
   assert result["history"][-1]["grad_norm"] > 0
   assert np.isfinite(result["eval"]["loss"])
   report = json.load(open(os.path.join(workdir, "data_report.json")))

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpo_jax.models import attention, unet2d
+from dpo_jax.models import attention
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu}
 _DOWN_BLOCKS = ("DownEncoderBlock2D",)
@@ -152,9 +152,9 @@ class ResnetBlock2D(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     act = _ACTIVATIONS[self.act_fn]
-    h = unet2d.GroupNorm(self.groups, epsilon=_EPS, dtype=self.dtype, name="norm1")(x)
+    h = nn.GroupNorm(self.groups, epsilon=_EPS, dtype=self.dtype, name="norm1")(x)
     h = _conv(self.out_channels, 3, self.dtype, "conv1")(act(h))
-    h = unet2d.GroupNorm(self.groups, epsilon=_EPS, dtype=self.dtype, name="norm2")(h)
+    h = nn.GroupNorm(self.groups, epsilon=_EPS, dtype=self.dtype, name="norm2")(h)
     h = _conv(self.out_channels, 3, self.dtype, "conv2")(act(h))
     if x.shape[-1] != self.out_channels:
       x = _conv(self.out_channels, 1, self.dtype, "conv_shortcut", pad=0)(x)
@@ -170,7 +170,7 @@ class VAEAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
-    y = unet2d.GroupNorm(self.groups, epsilon=_EPS, dtype=self.dtype, name="group_norm")(x)
+    y = nn.GroupNorm(self.groups, epsilon=_EPS, dtype=self.dtype, name="group_norm")(x)
     y = y.reshape(b, h * w, c)
     q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(y) for n in ("to_q", "to_k", "to_v"))
     y = nn.Dense(c, dtype=self.dtype, name="to_out_0")(_attention(q, k, v))
@@ -217,7 +217,7 @@ class Encoder(nn.Module):
       self.dtype,
       name="mid_block",
     )(x)
-    x = unet2d.GroupNorm(c.norm_num_groups, epsilon=_EPS, dtype=self.dtype, name="conv_norm_out")(x)
+    x = nn.GroupNorm(c.norm_num_groups, epsilon=_EPS, dtype=self.dtype, name="conv_norm_out")(x)
     return _conv(2 * c.latent_channels, 3, self.dtype, "conv_out")(_ACTIVATIONS[c.act_fn](x))
 
 
@@ -281,7 +281,7 @@ class Decoder(nn.Module):
     for i, ch in enumerate(channels):
       layers = c.layers_per_block + 1
       x = _Block(ch, layers, c, i < len(channels) - 1, "up", self.dtype, name=f"up_blocks_{i}")(x)
-    x = unet2d.GroupNorm(c.norm_num_groups, epsilon=_EPS, dtype=self.dtype, name="conv_norm_out")(x)
+    x = nn.GroupNorm(c.norm_num_groups, epsilon=_EPS, dtype=self.dtype, name="conv_norm_out")(x)
     return _conv(c.out_channels, 3, self.dtype, "conv_out")(_ACTIVATIONS[c.act_fn](x))
 
 
