@@ -390,3 +390,14 @@ def gcs_emulator(bucket: str = "bucket"):
     objects.download = download
     server.stop()
     emulator_log.setLevel(log_level)
+
+
+class WarningRecords(logging.Handler):
+  """Collects the messages of WARNING and above logged to the loggers it is added to."""
+
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.messages: list[str] = []
+
+  def emit(self, record: logging.LogRecord) -> None:
+    self.messages.append(record.getMessage())

@@ -38,6 +38,7 @@ from dpo_jax.models.unet import make_unet_apply  # noqa: E402
 from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline  # noqa: E402
 from tests.fixtures import (  # noqa: E402
   REPO,
+  WarningRecords,
   good_rows,
   tiny_pipeline_train_config,
   torch_unet_inputs,
@@ -120,15 +121,6 @@ def _flat(tree) -> dict:
   return flax.traverse_util.flatten_dict(tree)
 
 
-class _Records(logging.Handler):
-  def __init__(self):
-    super().__init__(logging.WARNING)
-    self.messages = []
-
-  def emit(self, record):
-    self.messages.append(record.getMessage())
-
-
 # What diffusers / transformers log for a partial or mismatched load.
 BAD_LOAD = ("missing", "unexpected", "not used", "newly initialized", "not initialized")
 
@@ -139,7 +131,7 @@ def _bad_load_messages(messages: list[str]) -> list[str]:
 
 def _load_pipeline_logged(cls, path):
   """Loads a PyTorch pipeline; returns (pipeline, warnings logged by diffusers/transformers)."""
-  handler = _Records()
+  handler = WarningRecords()
   loggers = [logging.getLogger("diffusers"), logging.getLogger("transformers")]
   for lg in loggers:
     lg.addHandler(handler)

@@ -29,6 +29,7 @@ from dpo_jax.models import loader  # noqa: E402
 from dpo_jax.models import unet as unet_lib  # noqa: E402
 from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline  # noqa: E402
 from tests.fixtures import (  # noqa: E402
+  WarningRecords,
   good_rows,
   make_train_config,
   tiny_pipeline_train_config,
@@ -207,21 +208,12 @@ def test_lora_run_starts_at_log2_and_checkpoints_only_adapters(run):
   assert n_state < 0.2 * sum(v.size for v in base.values())
 
 
-class _Records(logging.Handler):
-  def __init__(self):
-    super().__init__(logging.WARNING)
-    self.messages = []
-
-  def emit(self, record):
-    self.messages.append(record.getMessage())
-
-
 def _load_lora_logged(pipe_dir, lora_dir):
   """(PyTorch pipeline with the LoRA loaded, warnings logged or raised while loading it)."""
   import diffusers
 
   pipe = diffusers.StableDiffusionPipeline.from_pretrained(pipe_dir)
-  handler = _Records()
+  handler = WarningRecords()
   loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
   for lg in loggers:
     lg.addHandler(handler)
