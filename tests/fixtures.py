@@ -90,6 +90,20 @@ def write_parquet(path: str, rows, drop: tuple[str, ...] = (), rename: dict | No
   pq.write_table(table, path)
 
 
+def write_pickapic_splits(folder, train_pairs: int, eval_pairs: int = 8) -> str:
+  """`folder` (created) with Pick-a-Pic train and validation_unique parquet shards of good rows.
+
+  Train ids start at 1000, validation ids at 5000 (disjoint). Returns the folder as a str.
+  """
+  os.makedirs(folder)
+  write_parquet(os.path.join(folder, "train-00000-of-00001.parquet"), good_rows(train_pairs)[0])
+  write_parquet(
+    os.path.join(folder, "validation_unique-00000-of-00001.parquet"),
+    good_rows(eval_pairs, first_id=5000)[0],
+  )
+  return str(folder)
+
+
 # Small enough to compile in seconds, big enough to shard: 48 examples / 8 per
 # batch = 6 batches per epoch, so an 8-step run crosses an epoch boundary.
 TRAIN_OVERRIDES = {

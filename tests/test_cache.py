@@ -20,7 +20,10 @@ from dpo_jax.data import cache, encode, pickapic, pipeline, sources
 from dpo_jax.models import build as build_lib
 from dpo_jax.models import conditioning
 from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline
-from tests.fixtures import good_rows, tiny_pipeline_train_config, write_parquet
+from tests.fixtures import (
+  tiny_pipeline_train_config,
+  write_pickapic_splits,
+)
 from tests.test_scorers import write_tiny_clip
 
 ENCODE_BATCH = 3
@@ -46,12 +49,7 @@ def _counting_encoder(calls):
 def world(tmp_path_factory):
   root = tmp_path_factory.mktemp("cache")
   pipe = make_tiny_pipeline("sd15", str(root / "pipe"), seed=0)
-  parquet = root / "parquet"
-  parquet.mkdir()
-  write_parquet(str(parquet / "train-00000-of-00001.parquet"), good_rows(20)[0])
-  write_parquet(
-    str(parquet / "validation_unique-00000-of-00001.parquet"), good_rows(8, first_id=5000)[0]
-  )
+  parquet = write_pickapic_splits(root / "parquet", 20)
   config = tiny_pipeline_train_config("sd15", pipe, str(parquet))
   config.data.random_crop = False
   config.data.flip = "none"

@@ -39,10 +39,9 @@ from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline  # noqa: E402
 from tests.fixtures import (  # noqa: E402
   REPO,
   WarningRecords,
-  good_rows,
   tiny_pipeline_train_config,
   torch_unet_inputs,
-  write_parquet,
+  write_pickapic_splits,
 )
 
 # float32 PyTorch vs XLA on the same weights: differences are summation order.
@@ -53,11 +52,8 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 def _train(kind: str, root) -> tuple[str, str, dict]:
   """(base pipeline dir, workdir, result) of a 3-step DPO run on a tiny `kind` pipeline."""
   pipe = make_tiny_pipeline(kind, str(root / "pipe"), seed=0 if kind == "sd15" else 1)
-  parquet = root / "parquet"
-  parquet.mkdir()
-  write_parquet(str(parquet / "train-00000-of-00001.parquet"), good_rows(20)[0])
-  # The eval loss reads only a held-out split.
-  write_parquet(str(parquet / "validation_unique-00000-of-00001.parquet"), good_rows(8, 5000)[0])
+  # The eval loss reads only the held-out split (validation_unique).
+  parquet = write_pickapic_splits(root / "parquet", 20)
   workdir = str(root / "run")
   rows_per_encode: list[int] = []
   make_data = sources.make_data

@@ -30,11 +30,10 @@ from dpo_jax.models import unet as unet_lib  # noqa: E402
 from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline  # noqa: E402
 from tests.fixtures import (  # noqa: E402
   WarningRecords,
-  good_rows,
   make_train_config,
   tiny_pipeline_train_config,
   torch_unet_inputs,
-  write_parquet,
+  write_pickapic_splits,
 )
 
 TOL = 1e-4  # float32 PyTorch vs XLA on the same weights.
@@ -163,10 +162,7 @@ def run(tmp_path_factory):
   """(base pipeline dir, workdir, result) of a 2-step LoRA DPO run on the tiny SD1.5 pipeline."""
   root = tmp_path_factory.mktemp("lora")
   pipe = make_tiny_pipeline("sd15", str(root / "pipe"), seed=0)
-  parquet = root / "parquet"
-  parquet.mkdir()
-  write_parquet(str(parquet / "train-00000-of-00001.parquet"), good_rows(16)[0])
-  write_parquet(str(parquet / "validation_unique-00000-of-00001.parquet"), good_rows(8, 5000)[0])
+  parquet = write_pickapic_splits(root / "parquet", 16)
   workdir = str(root / "run")
   config = tiny_pipeline_train_config(
     "sd15",
