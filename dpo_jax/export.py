@@ -18,7 +18,8 @@ A LoRA run's checkpoint (`config.lora.rank > 0`) holds only adapters; export it
 with one of
   --lora    DIR/pytorch_lora_weights.safetensors, diffusers' PEFT keys
             (`unet.<module>.lora_A.weight` / `lora_B.weight`, alpha/rank folded
-            into lora_B), for `pipe.load_lora_weights(DIR)` on the base pipeline;
+            into lora_B), for `pipe.load_lora_weights(DIR, weight_name=...)`
+            on the base pipeline (diffusers needs weight_name when offline);
   --merge   the full UNet with W + (alpha/rank) A B merged in (base from
             `--base` or the run's `pretrained_path`), written as above.
 

@@ -216,7 +216,8 @@ def _load_lora_logged(pipe_dir, lora_dir):
   try:
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
-      pipe.load_lora_weights(lora_dir)
+      # weight_name: with HF_HUB_OFFLINE set (as on CI) diffusers will not guess it.
+      pipe.load_lora_weights(lora_dir, weight_name=export.LORA_WEIGHTS)
   finally:
     for lg in loggers:
       lg.removeHandler(handler)
