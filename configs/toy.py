@@ -10,7 +10,8 @@ full base vs DPO vs SFT vs RPO comparison and the style-alignment run.
   python -m dpo_jax.train --config=configs/toy.py:sft     # SFT on the winners
   python -m dpo_jax.train --config=configs/toy.py:rpo     # Diffusion-RPO
   python -m dpo_jax.train --config=configs/toy.py:style   # DPO toward a style
-  python -m dpo_jax.train --config.toy.base_steps=300     # a quicker, weaker base
+  python -m dpo_jax.train --config.toy.base_steps=300 --config.toy.base_max_steps=0
+                                                          # a quicker, weaker base
 """
 
 from __future__ import annotations
@@ -28,10 +29,21 @@ def toy_settings() -> ml_collections.ConfigDict:
   t.seed = 0
   t.num_heldout = 8  # Held-out prompt combinations (of 48).
   # Base pretraining (SFT of UNet + text encoder on imperfect captions).
-  t.base_steps = 1000
+  # At least base_steps steps; then, every base_check_every steps, the judge
+  # scores samples of the training prompts and pretraining stops once all three
+  # attributes are right for base_target_all_three of them (or at
+  # base_max_steps; 0 = exactly base_steps). When a base learns the quadrant
+  # words varies with the seed: this fixes its quality, not its step count.
+  t.base_steps = 750
+  t.base_max_steps = 2000
+  t.base_check_every = 250
+  t.base_target_all_three = 0.5
   t.base_batch_size = 32
   t.base_lr = 1e-3
   t.base_text_lr_mult = 1.0  # The text encoder's lr = base_lr * this.
+  # "constant", or "cosine" (warmup, then decay to a tenth of base_lr).
+  t.base_lr_schedule = "constant"
+  t.base_ema_decay = 0.995  # EMA of the base's weights (0 = off); the EMA is what is saved.
   t.corrupt_frac = 0.3  # Captions lying about colour or position.
   t.clean_frac = 0.0  # The first clean_frac of the base steps use uncorrupted captions.
   t.drop_frac = 0.1  # Empty captions (classifier-free guidance).

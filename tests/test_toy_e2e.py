@@ -30,6 +30,7 @@ def test_reduced_toy_run_dpo_raises_train_prompt_reward(tmp_path):
   c.unlock()
   c.toy.cache_dir = str(tmp_path / "cache")
   c.toy.base_steps = REDUCED["base_steps"]
+  c.toy.base_max_steps = 0
   c.toy.pair_seeds = REDUCED["pair_seeds"]
   c.toy.pair_prompts = REDUCED["pair_prompts"]
   c.toy.sample_steps = REDUCED["sample_steps"]

@@ -69,6 +69,28 @@ def test_generate_is_per_seed_and_batch_independent(random_toy_pipeline):
     sample.generate(pipe, pipe.unet_params, prompts, [1], settings)
 
 
+def test_in_memory_base_pipeline_samples_like_the_written_one(random_toy_pipeline):
+  """`base.as_pipeline` (the pretraining's judge checks) = the folder read back by the loader."""
+  pipe = loader.load_pipeline(random_toy_pipeline)
+  params = {"unet": pipe.unet_params, "text_encoder": pipe.text_encoder_params}
+  mem = base.as_pipeline(pipe.unet, params, pipe.text_encoder, pipe.tokenizer)
+  assert mem.scheduler_config == pipe.scheduler_config and mem.vae is None
+  prompts, seeds = ["a red circle at the top left", "a blue x at the bottom right"], [3, 4]
+  settings = sample.SampleSettings(3, 2.0, 2)
+  np.testing.assert_array_equal(
+    sample.generate(mem, mem.unet_params, prompts, seeds, settings),
+    sample.generate(pipe, pipe.unet_params, prompts, seeds, settings),
+  )
+
+
+def test_base_check_schedule():
+  """The judge checks the base at `steps`, then every `check_every`, and at `max_steps`."""
+  s = base.BaseSettings(steps=1000, max_steps=2000, check_every=300)
+  assert [k for k in range(1, 2100) if base.is_check_step(s, k)] == [1000, 1300, 1600, 1900, 2000]
+  fixed = base.BaseSettings(steps=1000, max_steps=0)
+  assert not any(base.is_check_step(fixed, k) for k in range(1, 1100))
+
+
 def test_sample_cli_writes_images_grid_and_metadata(random_toy_pipeline, tmp_path):
   import subprocess
   import sys

@@ -56,6 +56,11 @@ def base_settings(toy: ml_collections.ConfigDict) -> base.BaseSettings:
     batch_size=toy.base_batch_size,
     lr=toy.base_lr,
     text_lr_mult=toy.base_text_lr_mult,
+    lr_schedule=toy.base_lr_schedule,
+    ema_decay=toy.base_ema_decay,
+    max_steps=toy.base_max_steps,
+    check_every=toy.base_check_every,
+    target_all_three=toy.base_target_all_three,
     corrupt_frac=toy.corrupt_frac,
     clean_frac=toy.clean_frac,
     drop_frac=toy.drop_frac,
@@ -111,10 +116,13 @@ def ensure_base(toy: ml_collections.ConfigDict) -> str:
   if os.path.exists(os.path.join(final, _COMPLETE)):
     logging.info("Toy base: reusing %s", final)
     return final
-  logging.info("Toy base: pretraining %d steps -> %s", settings.steps, final)
+  logging.info(
+    "Toy base: pretraining %d steps (up to %d) -> %s", settings.steps, settings.max_steps, final
+  )
 
   def build(tmp):
-    with tqdm(total=settings.steps, desc="toy base (SFT pretraining)", unit="step") as bar:
+    total = max(settings.steps, settings.max_steps)  # It may stop early (BaseSettings).
+    with tqdm(total=total, desc="toy base (SFT pretraining)", unit="step") as bar:
 
       def progress(step, loss):
         bar.update(1)
