@@ -211,7 +211,11 @@ def main(argv: list[str]) -> None:
     timings[f"train_{name}"] = time.perf_counter() - t0
 
   pipeline = loader.load_pipeline(config.pretrained_path)
-  models = {"base": pipeline.unet_params, **params}
+  # A LoRA run's state holds only adapters: merge them into the base to sample.
+  models = {
+    "base": pipeline.unet_params,
+    **{k: run.unet_params(config, p, pipeline.unet_params) for k, p in params.items()},
+  }
   settings = run.sample_settings(toy)
   train_specs, heldout = run.train_and_heldout(toy)
   rewards, attributes, style, all_scored = {}, {}, {}, {}
