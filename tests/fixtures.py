@@ -18,6 +18,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 
 import portpicker
 import pyarrow as pa
@@ -406,7 +407,7 @@ def gcs_emulator(bucket: str = "bucket"):
     emulator_log.setLevel(log_level)
 
 
-class WarningRecords(logging.Handler):
+class _WarningRecords(logging.Handler):
   """Collects the messages of WARNING and above logged to the loggers it is added to."""
 
   def __init__(self):
@@ -415,3 +416,32 @@ class WarningRecords(logging.Handler):
 
   def emit(self, record: logging.LogRecord) -> None:
     self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def library_warnings(names=("diffusers", "peft", "transformers")):
+  """Yields a list that receives every warning the named libraries log or warn.
+
+  Independent of process-wide logging state: an in-process CLI main() before
+  (`logs.quiet_libraries` sets diffusers to ERROR) or a disabled logger would
+  otherwise hide the very warnings a test looks for. Levels, `disabled` flags
+  and warning filters are restored on exit.
+  """
+  handler = _WarningRecords()
+  loggers = [logging.getLogger(n) for n in names]
+  saved = [(lg.level, lg.disabled) for lg in loggers]
+  messages: list[str] = []
+  for lg in loggers:
+    lg.setLevel(logging.WARNING)
+    lg.disabled = False
+    lg.addHandler(handler)
+  try:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      yield messages
+  finally:
+    for lg, (level, disabled) in zip(loggers, saved):
+      lg.removeHandler(handler)
+      lg.setLevel(level)
+      lg.disabled = disabled
+    messages.extend(handler.messages + [str(w.message) for w in caught])

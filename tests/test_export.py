@@ -15,7 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Everything here is local.
 import dataclasses  # noqa: E402
 import filecmp  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -38,7 +37,7 @@ from dpo_jax.models.unet import make_unet_apply  # noqa: E402
 from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline  # noqa: E402
 from tests.fixtures import (  # noqa: E402
   REPO,
-  WarningRecords,
+  library_warnings,
   tiny_pipeline_train_config,
   torch_unet_inputs,
   write_pickapic_splits,
@@ -127,16 +126,9 @@ def _bad_load_messages(messages: list[str]) -> list[str]:
 
 def _load_pipeline_logged(cls, path):
   """Loads a PyTorch pipeline; returns (pipeline, warnings logged by diffusers/transformers)."""
-  handler = WarningRecords()
-  loggers = [logging.getLogger("diffusers"), logging.getLogger("transformers")]
-  for lg in loggers:
-    lg.addHandler(handler)
-  try:
+  with library_warnings(("diffusers", "transformers")) as messages:
     pipe = cls.from_pretrained(path)
-  finally:
-    for lg in loggers:
-      lg.removeHandler(handler)
-  return pipe, handler.messages
+  return pipe, messages
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
