@@ -392,21 +392,19 @@ def _lora_scale(run_config: dict[str, Any], mode: str, step_dir: str) -> float:
   """alpha / rank of a LoRA run (0.0 for a full fine-tune), checked against `mode`."""
   if mode not in ("", "lora", "merge"):
     raise ValueError(f"mode={mode!r}; expected '', 'lora' or 'merge'.")
-  cfg = run_config.get("lora") or {}
-  rank = int(cfg.get("rank", 0))
-  if rank <= 0:
-    if mode:
-      raise ValueError(
-        f"--{mode} needs a LoRA run's checkpoint, but {step_dir} was trained without LoRA "
-        "(config.lora.rank = 0); export it without --lora / --merge."
-      )
-    return 0.0
-  if not mode:
+  lora_scale = lora.run_scale(run_config)
+  if not lora_scale and mode:
     raise ValueError(
-      f"{step_dir} holds LoRA adapters only (config.lora.rank = {rank}); pass --lora for a "
-      "diffusers LoRA file or --merge for a full UNet."
+      f"--{mode} needs a LoRA run's checkpoint, but {step_dir} was trained without LoRA "
+      "(config.lora.rank = 0); export it without --lora / --merge."
     )
-  return float(cfg.get("alpha", 0.0) or rank) / rank
+  if lora_scale and not mode:
+    raise ValueError(
+      f"{step_dir} holds LoRA adapters only (config.lora.rank = "
+      f"{run_config['lora']['rank']}); pass --lora for a diffusers LoRA file or --merge for a "
+      "full UNet."
+    )
+  return lora_scale
 
 
 def write_lora(

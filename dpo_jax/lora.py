@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -55,6 +56,19 @@ def scale(config: ml_collections.ConfigDict) -> float:
   rank = int(config.lora.rank)
   alpha = float(config.lora.alpha) or float(rank)
   return alpha / rank
+
+
+def run_scale(run_config: Mapping[str, Any]) -> float:
+  """`scale` of a finished run's config as checkpoint meta holds it (a dict); 0.0 without LoRA.
+
+  What a reader of a checkpoint (sampling, export) needs: > 0 means the saved
+  params are adapters only, to be merged into the run's base UNet.
+  """
+  cfg = run_config.get("lora") or {}
+  rank = int(cfg.get("rank", 0))
+  if rank <= 0:
+    return 0.0
+  return (float(cfg.get("alpha", 0.0)) or float(rank)) / rank
 
 
 def target_paths(params: Params, targets: str) -> list[tuple[str, ...]]:

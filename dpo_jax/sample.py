@@ -356,7 +356,7 @@ def main(argv: Sequence[str]) -> None:
   from absl import flags, logging
   from PIL import Image
 
-  from dpo_jax import checkpoint, logs
+  from dpo_jax import checkpoint, logs, lora
   from dpo_jax.models import loader
 
   if len(argv) > 1:
@@ -388,13 +388,22 @@ def main(argv: Sequence[str]) -> None:
       )
   if not pipeline_path:
     raise UsageError("Pass --checkpoint=WORKDIR_OR_STEP_DIR and/or --pipeline=DIFFUSERS_DIR.")
-  # The base UNet's weights are read only when they are what gets sampled.
-  run_variant = meta["config"].get("pretrained_variant", "") if checkpoint_path else ""
-  variant = run_variant if f.pretrained_variant is None else f.pretrained_variant
-  pipeline = loader.load_pipeline(
-    pipeline_path, variant=variant or None, unet_weights=params is None
+  run_config = meta["config"] if checkpoint_path else {}
+  # A LoRA run's checkpoint holds adapters only: they are merged into the base UNet.
+  lora_scale = lora.run_scale(run_config)
+  # The base UNet's weights are read only when they are sampled or merged into.
+  variant = (
+    run_config.get("pretrained_variant", "")
+    if f.pretrained_variant is None
+    else f.pretrained_variant
   )
-  params = pipeline.unet_params if params is None else params
+  pipeline = loader.load_pipeline(
+    pipeline_path, variant=variant or None, unet_weights=params is None or bool(lora_scale)
+  )
+  if params is None:
+    params = pipeline.unet_params
+  elif lora_scale:
+    params = lora.merge(pipeline.unet_params, params, lora_scale)
   prompts = prompts_lib.load_prompts(f.prompts)
   k = f.num_images_per_prompt
   all_prompts, seeds = prompt_seed_grid(prompts, k, f.seed)

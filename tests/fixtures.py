@@ -407,6 +407,24 @@ def gcs_emulator(bucket: str = "bucket"):
     emulator_log.setLevel(log_level)
 
 
+def run_sample_cli(*args: str) -> None:
+  """`python -m dpo_jax.sample ARGS`, in this process (`sample.cli_main` on parsed absl flags).
+
+  A subprocess would spend ~30 s importing diffusers on this machine.
+  """
+  from absl import flags
+
+  from dpo_jax import sample
+
+  if "prompts" not in flags.FLAGS:
+    sample._define_flags()
+  flags.FLAGS.unparse_flags()
+  try:
+    sample.cli_main(flags.FLAGS(["sample", *args]))
+  finally:
+    flags.FLAGS.unparse_flags()
+
+
 class _WarningRecords(logging.Handler):
   """Collects the messages of WARNING and above logged to the loggers it is added to."""
 

@@ -21,8 +21,9 @@ import safetensors.numpy  # noqa: E402
 import torch  # noqa: E402
 from etils import epath  # noqa: E402
 from flax.traverse_util import flatten_dict  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from dpo_jax import checkpoint, export, lora, optim, sharding, trainer  # noqa: E402
+from dpo_jax import checkpoint, export, lora, optim, sample, sharding, trainer  # noqa: E402
 from dpo_jax import step as step_lib  # noqa: E402
 from dpo_jax.models import loader  # noqa: E402
 from dpo_jax.models import unet as unet_lib  # noqa: E402
@@ -30,6 +31,7 @@ from dpo_jax.tools.make_tiny_pipeline import make_tiny_pipeline  # noqa: E402
 from tests.fixtures import (  # noqa: E402
   library_warnings,
   make_train_config,
+  run_sample_cli,
   tiny_pipeline_train_config,
   torch_unet_inputs,
   write_pickapic_splits,
@@ -279,6 +281,33 @@ def test_warning_capture_is_live(run, tmp_path):
     assert diffusers_logger.level == logging.ERROR  # Restored by the capture.
     diffusers_logger.setLevel(level)
   assert any("to_nothing" in m for m in messages), messages
+
+
+def test_sample_cli_merges_a_lora_run_into_its_base(run, tmp_path):
+  """`python -m dpo_jax.sample --checkpoint=<LoRA run>` samples base + adapters, merged."""
+  pipe_dir, workdir, _ = run
+  prompt = "a photo of a cat"
+  (tmp_path / "prompts.txt").write_text(prompt + "\n")
+  out = tmp_path / "out"
+  run_sample_cli(
+    f"--checkpoint={workdir}",
+    f"--prompts={tmp_path / 'prompts.txt'}",
+    f"--output={out}",
+    "--num_images_per_prompt=1",
+    "--seed=3",
+    "--num_inference_steps=2",
+    "--guidance_scale=2",
+    "--mesh=1",
+  )
+  got = np.asarray(Image.open(out / "00000_3.png"))
+  adapters, _ = checkpoint.load_params_for_inference(workdir)
+  pipeline = loader.load_pipeline(pipe_dir)
+  settings = sample.SampleSettings(2, 2.0, batch_size=16, num_devices=1)
+  merged = lora.merge(pipeline.unet_params, adapters, ALPHA / RANK)
+  (want,) = sample.generate(pipeline, merged, [prompt], [3], settings)
+  (base_image,) = sample.generate(pipeline, pipeline.unet_params, [prompt], [3], settings)
+  np.testing.assert_array_equal(got, want)
+  assert not np.array_equal(got, base_image)  # The adapters were applied, not dropped.
 
 
 def test_export_merge_and_errors(run, tmp_path):

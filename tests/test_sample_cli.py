@@ -11,11 +11,10 @@ import json
 
 import numpy as np
 import pytest
-from absl import flags
 from PIL import Image
 
-from dpo_jax import sample
 from dpo_jax.toy import base
+from tests.fixtures import run_sample_cli
 
 PROMPT = "a red circle at the top left"
 
@@ -28,20 +27,15 @@ def toy_folder(tmp_path_factory) -> str:
 @pytest.fixture
 def run_cli(tmp_path):
   """`run_cli(*flags)`: `python -m dpo_jax.sample` with a one-prompt file and tiny settings."""
-  if "prompts" not in flags.FLAGS:
-    sample._define_flags()
   prompts = tmp_path / "prompts.txt"
   prompts.write_text(PROMPT + "\n")
 
   def run(*extra: str) -> None:
-    argv = ["sample", f"--prompts={prompts}", f"--output={tmp_path / 'out'}"]
+    argv = [f"--prompts={prompts}", f"--output={tmp_path / 'out'}"]
     argv += ["--num_images_per_prompt=1", "--seed=3", "--num_inference_steps=2"]
-    argv += ["--guidance_scale=2", "--mesh=1", *extra]
-    flags.FLAGS.unparse_flags()
-    sample.cli_main(flags.FLAGS(argv))
+    run_sample_cli(*argv, "--guidance_scale=2", "--mesh=1", *extra)
 
-  yield run
-  flags.FLAGS.unparse_flags()
+  return run
 
 
 def assert_one_line_error(run, capsys, flag_list, *fragments: str) -> None:
