@@ -24,7 +24,7 @@ def test_reduced_toy_run_dpo_raises_train_prompt_reward(tmp_path):
   """
   from configs import toy as toy_config
   from dpo_jax import checkpoint, trainer
-  from dpo_jax.toy import judge, run
+  from dpo_jax.toy import judge, run, world
 
   c = toy_config.get_config()
   c.unlock()
@@ -70,7 +70,7 @@ def test_reduced_toy_run_dpo_raises_train_prompt_reward(tmp_path):
   # 5.7 % -> 7.8 %, quadrant 18.8 -> 25.0 %, colour 76 -> 60 %, while the reward
   # rose -1.12 -> -1.02. The full comparison (`python -m dpo_jax.toy`) is where
   # the attribute gain is measured.
-  grid = run.grid_specs(run.pair_prompts(c.toy), range(REDUCED["eval_seeds"]))[0]
+  grid = world.grid_specs(run.pair_prompts(c.toy), range(REDUCED["eval_seeds"]))[0]
   acc = {k: judge.accuracy(v[0], grid) for k, v in scored.items()}
   attrs = ("colour", "quadrant", "shape")
   right = {k: float(np.mean([a[m].mean() for m in attrs])) for k, a in acc.items()}
@@ -90,7 +90,7 @@ def test_reduced_toy_run_dpo_raises_train_prompt_reward(tmp_path):
   scored = run.score_models(
     pipe, {"base": pipe.unet_params, "style": styled}, heldout, seeds, run.sample_settings(c.toy)
   )
-  prompts = [p.text for p in run.grid_specs(heldout, seeds)[0]]
+  prompts = [p.text for p in world.grid_specs(heldout, seeds)[0]]
   summary = run.summarize(run.style_scores(scored, "amber_duotone"), prompts, "base")
   print("reduced toy style run (held-out prompts):", summary)
   assert summary["style"]["mean_reward"] > summary["base"]["mean_reward"] + 0.02

@@ -181,7 +181,7 @@ def main(argv: list[str]) -> None:
   from dpo_jax import stats, trainer
   from dpo_jax.models import loader
   from dpo_jax.step import OBJECTIVES
-  from dpo_jax.toy import grid, judge, run
+  from dpo_jax.toy import grid, judge, run, world
 
   unknown = [n for n in _OBJECTIVES.value if n != "style" and n not in OBJECTIVES]
   if unknown:
@@ -227,7 +227,7 @@ def main(argv: list[str]) -> None:
       ("train_prompts", train_specs, run.eval_seeds(toy, train_prompts=True)),
     ):
       scored = run.score_models(pipeline, models, specs, seeds, settings)
-      grid_specs, grid_seeds = run.grid_specs(specs, seeds)
+      grid_specs, grid_seeds = world.grid_specs(specs, seeds)
       prompts = [s.text for s in grid_specs]
       rewards[split] = run.summarize({k: v[1] for k, v in scored.items()}, prompts, "base")
       attributes[split] = run.summarize_attributes(scored, grid_specs, "base")

@@ -291,12 +291,15 @@ def judge_rates(
 
   The seeds (20_000 + k) are disjoint from the pair seeds and the evaluation seeds.
   """
-  texts = [s.text for s in specs for _ in range(num_seeds)]
-  seeds = [20_000 + k for _ in specs for k in range(num_seeds)]
+  grid, seeds = world.grid_specs(specs, range(20_000, 20_000 + num_seeds))
   images = sample.generate(
-    pipeline, pipeline.unet_params, texts, seeds, sample.SampleSettings(20, 3.0, 128)
+    pipeline,
+    pipeline.unet_params,
+    [s.text for s in grid],
+    seeds,
+    sample.SampleSettings(20, 3.0, 128),
   )
-  acc = judge.accuracy(images, [s for s in specs for _ in range(num_seeds)])
+  acc = judge.accuracy(images, grid)
   return {m: round(float(v.mean()), 4) for m, v in acc.items()}
 
 

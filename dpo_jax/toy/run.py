@@ -171,11 +171,6 @@ def sample_rewards(
   return images, reward.reward(images, specs)
 
 
-def grid_specs(specs: Sequence[world.PromptSpec], seeds: Sequence[int]):
-  """Every (spec, seed) combination, prompt-major: (specs [N], seeds [N])."""
-  return [s for s in specs for _ in seeds], [int(x) for _ in specs for x in seeds]
-
-
 def ensure_pairs(toy: ml_collections.ConfigDict, base_path: str) -> str:
   """Pick-a-Pic parquet of base-model pairs (+ `pairs_report.json`), built once."""
   key = settings_key(base_settings(toy), pair_settings(toy), PromptSubset(toy.pair_prompts))
@@ -189,7 +184,7 @@ def ensure_pairs(toy: ml_collections.ConfigDict, base_path: str) -> str:
     pipeline = loader.load_pipeline(base_path)
     train_specs = pair_prompts(toy)
     seeds = range(ps.first_seed, ps.first_seed + ps.num_seeds)
-    specs, all_seeds = grid_specs(train_specs, seeds)
+    specs, all_seeds = world.grid_specs(train_specs, seeds)
     t0 = time.perf_counter()
     images, rewards = sample_rewards(
       pipeline,
@@ -268,7 +263,7 @@ def score_models(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """name -> (images, rewards) of every model on the same (spec, seed) grid."""
   fn = sample.make_sample_fn(pipeline, settings)
-  grid, grid_seeds = grid_specs(specs, seeds)
+  grid, grid_seeds = world.grid_specs(specs, seeds)
   return {
     name: sample_rewards(pipeline, params, grid, grid_seeds, settings, fn, desc=f"sampling {name}")
     for name, params in models.items()
@@ -344,7 +339,7 @@ def before_after(config: ml_collections.ConfigDict, params: Params) -> dict[str,
     ("heldout_prompts", heldout, eval_seeds(toy)),
   ):
     scored = score_models(pipeline, models, specs, seeds, settings)
-    grid = grid_specs(specs, seeds)[0]
+    grid = world.grid_specs(specs, seeds)[0]
     prompts = [p.text for p in grid]
     result[split] = summarize({k: v[1] for k, v in scored.items()}, prompts, "base")
     attrs[split] = summarize_attributes(scored, grid, "base")

@@ -213,3 +213,10 @@ def corrupt_caption(spec: PromptSpec, rng: np.random.Generator) -> PromptSpec:
     return dataclasses.replace(spec, colour=others[rng.integers(len(others))])
   others = [q for q in QUADRANTS if q != spec.quadrant]
   return dataclasses.replace(spec, quadrant=others[rng.integers(len(others))])
+
+
+def grid_specs(
+  specs: Sequence[PromptSpec], seeds: Sequence[int]
+) -> tuple[list[PromptSpec], list[int]]:
+  """Every (spec, seed) combination, prompt-major: (specs [N], seeds [N])."""
+  return [s for s in specs for _ in seeds], [int(x) for _ in specs for x in seeds]
