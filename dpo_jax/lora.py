@@ -135,6 +135,15 @@ def merge(base: Params, adapters: Params, lora_scale: float) -> Params:
   return unflatten_dict(flat)
 
 
+def full_unet(run_config: Mapping[str, Any], params: Params, base_unet: Params) -> Params:
+  """The UNet a run's trained params stand for: themselves, or base + merged adapters (LoRA).
+
+  `run_config`: the run's config (a ConfigDict, or the dict checkpoint meta holds).
+  """
+  lora_scale = run_scale(run_config)
+  return merge(base_unet, params, lora_scale) if lora_scale else params
+
+
 def num_params(adapters: Params) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))
 

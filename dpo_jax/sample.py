@@ -402,8 +402,8 @@ def main(argv: Sequence[str]) -> None:
   )
   if params is None:
     params = pipeline.unet_params
-  elif lora_scale:
-    params = lora.merge(pipeline.unet_params, params, lora_scale)
+  else:
+    params = lora.full_unet(run_config, params, pipeline.unet_params)
   prompts = prompts_lib.load_prompts(f.prompts)
   k = f.num_images_per_prompt
   all_prompts, seeds = prompt_seed_grid(prompts, k, f.seed)

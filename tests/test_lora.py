@@ -116,6 +116,30 @@ def _state_and_batch(config, mesh, seed=0):
   )
 
 
+def test_full_unet_merges_only_for_a_lora_run():
+  """What sampling, export and the toy evaluation use: config -> adapters merged, or params kept."""
+  from configs import toy as toy_config
+
+  base_unet = {"attn": {"to_q": {"kernel": jnp.ones((4, 3))}}, "conv": {"bias": jnp.zeros(3)}}
+  adapters = {
+    "attn": {"to_q": {"kernel": {"lora_A": jnp.full((4, 2), 0.5), "lora_B": jnp.ones((2, 3))}}}
+  }
+  c = toy_config.get_config()
+  c.unlock()
+  c.lora.rank, c.lora.alpha = 2, 4.0  # scale alpha / rank = 2
+  # The run's ConfigDict, and the dict a checkpoint's meta holds, alike.
+  for run_config in (c, c.to_dict()):
+    merged = lora.full_unet(run_config, adapters, base_unet)
+    # W + 2 * (A @ B) = 1 + 2 * (2 * 0.5 * 1) = 3 everywhere; other leaves are the base's.
+    np.testing.assert_array_equal(merged["attn"]["to_q"]["kernel"], np.full((4, 3), 3.0))
+    np.testing.assert_array_equal(merged["conv"]["bias"], base_unet["conv"]["bias"])
+  c.lora.alpha = 0.0  # alpha 0 = rank: scale 1.
+  assert lora.run_scale(c) == lora.scale(c) == 1.0
+  c.lora.rank = 0
+  assert lora.run_scale(c) == lora.run_scale({}) == 0.0
+  assert lora.full_unet(c, base_unet, {}) is base_unet  # A full fine-tune: its own params.
+
+
 def test_lora_steps_agree_on_one_and_eight_devices():
   """Two LoRA DPO steps: step 1 is exactly log 2 (B = 0), and 1 device = FSDP 2 x 4."""
   # "matched" forwards: B = 0 makes the merged policy bit-equal to the base,

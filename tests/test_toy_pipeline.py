@@ -160,27 +160,3 @@ def test_write_parquet_round_trip(tmp_path):
   from dpo_jax.data import decode
 
   np.testing.assert_array_equal(np.asarray(decode.decode_rgb(table[0]["jpg_1"])[0]), images[2])
-
-
-def test_lora_fine_tune_is_sampled_with_the_adapters_merged():
-  """A LoRA run's state holds adapters only; the toy evaluation samples base + merged adapters."""
-  import jax.numpy as jnp
-
-  from configs import toy as toy_config
-  from dpo_jax import lora
-  from dpo_jax.toy import run
-
-  base_unet = {"attn": {"to_q": {"kernel": jnp.ones((4, 3))}}, "conv": {"bias": jnp.zeros(3)}}
-  adapters = {
-    "attn": {"to_q": {"kernel": {"lora_A": jnp.full((4, 2), 0.5), "lora_B": jnp.ones((2, 3))}}}
-  }
-  c = toy_config.get_config()
-  c.unlock()
-  c.lora.rank, c.lora.alpha = 2, 4.0  # scale alpha / rank = 2
-  merged = run.unet_params(c, adapters, base_unet)
-  # W + 2 * (A @ B) = 1 + 2 * (2 * 0.5 * 1) = 3 everywhere; other leaves are the base's.
-  np.testing.assert_array_equal(merged["attn"]["to_q"]["kernel"], np.full((4, 3), 3.0))
-  np.testing.assert_array_equal(merged["conv"]["bias"], base_unet["conv"]["bias"])
-  assert lora.scale(c) == 2.0
-  c.lora.rank = 0
-  assert run.unet_params(c, base_unet, {}) is base_unet  # A full fine-tune: its own params.

@@ -178,7 +178,7 @@ def main(argv: list[str]) -> None:
   logs.quiet_libraries()
   from PIL import Image
 
-  from dpo_jax import stats, trainer
+  from dpo_jax import lora, stats, trainer
   from dpo_jax.models import loader
   from dpo_jax.step import OBJECTIVES
   from dpo_jax.toy import grid, judge, run, world
@@ -214,7 +214,7 @@ def main(argv: list[str]) -> None:
   # A LoRA run's state holds only adapters: merge them into the base to sample.
   models = {
     "base": pipeline.unet_params,
-    **{k: run.unet_params(config, p, pipeline.unet_params) for k, p in params.items()},
+    **{k: lora.full_unet(config, p, pipeline.unet_params) for k, p in params.items()},
   }
   settings = run.sample_settings(toy)
   train_specs, heldout = run.train_and_heldout(toy)

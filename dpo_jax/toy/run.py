@@ -317,18 +317,11 @@ def summarize_attributes(
   return out
 
 
-def unet_params(config: ml_collections.ConfigDict, trained: Params, base_unet: Params) -> Params:
-  """The full UNet parameters of a fine-tune: `trained` itself, or base + LoRA adapters merged."""
-  if lora.enabled(config):
-    return lora.merge(base_unet, trained, lora.scale(config))
-  return trained
-
-
 def before_after(config: ml_collections.ConfigDict, params: Params) -> dict[str, Any]:
   """Reward and judged attributes of the base vs the fine-tuned params; prints the tables."""
   toy = config.toy
   pipeline = loader.load_pipeline(config.pretrained_path)
-  params = unet_params(config, params, pipeline.unet_params)
+  params = lora.full_unet(config, params, pipeline.unet_params)
   settings = sample_settings(toy)
   train_specs, heldout = train_and_heldout(toy)
   name = f"{config.objective}_{toy.style}" if toy.style else config.objective
