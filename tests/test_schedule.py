@@ -60,6 +60,10 @@ def test_matches_diffusers_ddpm(name, zero_snr, prediction_type):
   if zero_snr:
     assert float(ours.alphas_cumprod[-1]) == float(want_ac[-1]) == 0.0
 
+  # q_sample and the v target on the *same* schedule values: torch's float32 sqrt above is
+  # 1-2 ulp off on some CPUs (AVX-512), and at t = 0 the noise scale sqrt(1 - abar_0)
+  # amplifies one ulp of abar_0 ~ 1 to ~1e-5 (seen on CI); the values are checked above.
+  ref.alphas_cumprod = torch.from_numpy(np.array(ours.alphas_cumprod))
   x0, noise, t = inputs(ours.num_train_timesteps)
   tx0, tnoise, tt = torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)
 
