@@ -119,8 +119,8 @@ class BaseSettings:
   # its step count, the fixed quantity.
   max_steps: int = 0
   check_every: int = 250
-  check_seeds: int = 2
-  target_all_three: float = 0.5
+  check_seeds: int = 4
+  target_all_three: float = 0.6
   num_heldout: int = 8
   seed: int = 0
   # Which tokenizer: "toy_words" (one token per word) or "tiny" (the generic

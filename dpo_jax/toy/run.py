@@ -60,6 +60,7 @@ def base_settings(toy: ml_collections.ConfigDict) -> base.BaseSettings:
     ema_decay=toy.base_ema_decay,
     max_steps=toy.base_max_steps,
     check_every=toy.base_check_every,
+    check_seeds=toy.base_check_seeds,
     target_all_three=toy.base_target_all_three,
     corrupt_frac=toy.corrupt_frac,
     clean_frac=toy.clean_frac,
