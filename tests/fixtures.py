@@ -446,20 +446,29 @@ def library_warnings(names=("diffusers", "peft", "transformers")):
   and warning filters are restored on exit.
   """
   handler = _WarningRecords()
-  loggers = [logging.getLogger(n) for n in names]
-  saved = [(lg.level, lg.disabled) for lg in loggers]
+  roots = [logging.getLogger(n) for n in names]
+  # Their existing descendants too: a module logger's own level or `disabled`
+  # flag would stop a record before it reaches the handler on the root.
+  children = [
+    lg
+    for n, lg in logging.root.manager.loggerDict.items()
+    if isinstance(lg, logging.Logger) and any(n.startswith(r + ".") for r in names)
+  ]
+  saved = [(lg, lg.level, lg.disabled) for lg in roots + children]
   messages: list[str] = []
-  for lg in loggers:
-    lg.setLevel(logging.WARNING)
+  for lg in roots + children:
+    lg.setLevel(logging.WARNING if lg in roots else logging.NOTSET)
     lg.disabled = False
+  for lg in roots:
     lg.addHandler(handler)
   try:
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
       yield messages
   finally:
-    for lg, (level, disabled) in zip(loggers, saved):
+    for lg in roots:
       lg.removeHandler(handler)
+    for lg, level, disabled in saved:
       lg.setLevel(level)
       lg.disabled = disabled
     messages.extend(handler.messages + [str(w.message) for w in caught])

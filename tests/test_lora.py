@@ -296,14 +296,19 @@ def test_warning_capture_is_live(run, tmp_path):
   safetensors.numpy.save_file(state, path, metadata={"format": "pt"})
   # As an in-process CLI main() before leaves it (logs.quiet_libraries): the
   # capture must not depend on it (CI stop 25 ran that way and missed the warning).
+  # A module logger silenced on its own too.
   diffusers_logger = logging.getLogger("diffusers")
+  module_logger = logging.getLogger("diffusers.utils.peft_utils")
   level = diffusers_logger.level
   diffusers_logger.setLevel(logging.ERROR)
+  module_logger.disabled = True
   try:
     _, messages = _load_lora_logged(pipe_dir, lora_dir)
   finally:
-    assert diffusers_logger.level == logging.ERROR  # Restored by the capture.
+    # Restored by the capture.
+    assert diffusers_logger.level == logging.ERROR and module_logger.disabled
     diffusers_logger.setLevel(level)
+    module_logger.disabled = False
   assert any("to_nothing" in m for m in messages), messages
 
 
