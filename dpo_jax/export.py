@@ -392,7 +392,7 @@ def _lora_scale(run_config: dict[str, Any], mode: str, step_dir: str) -> float:
   """alpha / rank of a LoRA run (0.0 for a full fine-tune), checked against `mode`."""
   if mode not in ("", "lora", "merge"):
     raise ValueError(f"mode={mode!r}; expected '', 'lora' or 'merge'.")
-  lora_scale = lora.run_scale(run_config)
+  lora_scale = lora.scale(run_config)
   if not lora_scale and mode:
     raise ValueError(
       f"--{mode} needs a LoRA run's checkpoint, but {step_dir} was trained without LoRA "

@@ -51,20 +51,14 @@ def enabled(config: ml_collections.ConfigDict) -> bool:
   return "lora" in config and int(config.lora.rank) > 0
 
 
-def scale(config: ml_collections.ConfigDict) -> float:
-  """alpha / rank; `alpha` 0 means alpha = rank (scale 1, the diffusers DPO script's choice)."""
-  rank = int(config.lora.rank)
-  alpha = float(config.lora.alpha) or float(rank)
-  return alpha / rank
+def scale(config: Mapping[str, Any]) -> float:
+  """alpha / rank, 0.0 without LoRA; `alpha` 0 means alpha = rank (scale 1, as diffusers' script).
 
-
-def run_scale(run_config: Mapping[str, Any]) -> float:
-  """`scale` of a finished run's config as checkpoint meta holds it (a dict); 0.0 without LoRA.
-
-  What a reader of a checkpoint (sampling, export) needs: > 0 means the saved
-  params are adapters only, to be merged into the run's base UNet.
+  `config`: a run's ConfigDict, or the dict a checkpoint's meta holds (what
+  sampling and export read): > 0 means the saved params are adapters only, to
+  be merged into the run's base UNet.
   """
-  cfg = run_config.get("lora") or {}
+  cfg = config.get("lora") or {}
   rank = int(cfg.get("rank", 0))
   if rank <= 0:
     return 0.0
@@ -140,7 +134,7 @@ def full_unet(run_config: Mapping[str, Any], params: Params, base_unet: Params) 
 
   `run_config`: the run's config (a ConfigDict, or the dict checkpoint meta holds).
   """
-  lora_scale = run_scale(run_config)
+  lora_scale = scale(run_config)
   return merge(base_unet, params, lora_scale) if lora_scale else params
 
 

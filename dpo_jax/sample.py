@@ -390,7 +390,7 @@ def main(argv: Sequence[str]) -> None:
     raise UsageError("Pass --checkpoint=WORKDIR_OR_STEP_DIR and/or --pipeline=DIFFUSERS_DIR.")
   run_config = meta["config"] if checkpoint_path else {}
   # A LoRA run's checkpoint holds adapters only: they are merged into the base UNet.
-  lora_scale = lora.run_scale(run_config)
+  lora_scale = lora.scale(run_config)
   # The base UNet's weights are read only when they are sampled or merged into.
   variant = (
     run_config.get("pretrained_variant", "")

@@ -650,7 +650,7 @@ def build_step_spec(
     kto_lambda_u=float(config.kto.lambda_u),
     dspo_beta=float(config.dspo.beta),
     sdpo_mu=float(config.sdpo.mu),
-    lora_scale=lora.scale(config) if lora.enabled(config) else 0.0,
+    lora_scale=lora.scale(config),
   )
 
 

@@ -134,9 +134,9 @@ def test_full_unet_merges_only_for_a_lora_run():
     np.testing.assert_array_equal(merged["attn"]["to_q"]["kernel"], np.full((4, 3), 3.0))
     np.testing.assert_array_equal(merged["conv"]["bias"], base_unet["conv"]["bias"])
   c.lora.alpha = 0.0  # alpha 0 = rank: scale 1.
-  assert lora.run_scale(c) == lora.scale(c) == 1.0
+  assert lora.scale(c) == 1.0
   c.lora.rank = 0
-  assert lora.run_scale(c) == lora.run_scale({}) == 0.0
+  assert lora.scale(c) == lora.scale({}) == 0.0
   assert lora.full_unet(c, base_unet, {}) is base_unet  # A full fine-tune: its own params.
 
 
