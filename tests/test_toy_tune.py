@@ -1,0 +1,56 @@
+"""The toy tuning tool's choice rule and bookkeeping (`dpo_jax.toy.tune`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpo_jax.toy import tune
+
+
+def _row(change: float, low: float, shape: float = 0.9) -> dict[str, float]:
+  return {"change": change, "change_ci_low": low, "change_ci_high": change + 0.1, "shape": shape}
+
+
+def test_choose_prefers_the_best_worst_seed_over_the_best_mean():
+  # A: big mean, but one seed's CI reaches below zero. B: smaller, positive on both seeds.
+  a, b = (500.0, 1e-4, 200), (500.0, 3e-5, 300)
+  rows = {
+    0: {a: _row(0.30, 0.20), b: _row(0.15, 0.08)},
+    1: {a: _row(0.10, -0.05), b: _row(0.12, 0.05)},
+  }
+  chosen = tune.choose(rows)
+  assert (chosen["beta"], chosen["lr"], chosen["steps"]) == b
+  assert chosen["worst_ci_low"] == pytest.approx(0.05)
+  assert chosen["mean_change"] == pytest.approx(0.135)
+
+
+def test_choose_breaks_ties_by_mean_and_ignores_settings_missing_a_seed():
+  a, b, c = (500.0, 1e-4, 100), (2000.0, 1e-4, 100), (500.0, 1e-5, 100)
+  rows = {
+    0: {a: _row(0.10, 0.05), b: _row(0.20, 0.05), c: _row(0.9, 0.8)},
+    1: {a: _row(0.10, 0.05), b: _row(0.20, 0.05)},
+  }
+  chosen = tune.choose(rows)
+  assert (chosen["beta"], chosen["lr"], chosen["steps"]) == b
+  with pytest.raises(ValueError, match="every seed"):
+    tune.choose({0: {a: _row(0.1, 0.0)}, 1: {b: _row(0.1, 0.0)}})
+
+
+def test_checkpoint_interval_lands_on_every_listed_step():
+  assert tune.checkpoint_every([100, 200, 300]) == 100
+  assert tune.checkpoint_every([150, 200]) == 50
+  assert all(n % tune.checkpoint_every([60, 90, 300]) == 0 for n in (60, 90, 300))
+
+
+def test_table_has_a_cell_per_seed_setting_and_step():
+  rows = {
+    0: {(500.0, 1e-4, 100): _row(0.125, 0.05), (500.0, 1e-4, 200): _row(-0.02, -0.1, 0.7)},
+    1: {(500.0, 1e-4, 100): _row(0.0, -0.04)},
+  }
+  table = tune.format_table(rows).splitlines()
+  assert table[0] == "| beta | lr | seed | 100 steps | 200 steps |"
+  assert (
+    table[2]
+    == "| 500 | 0.0001 | 0 | +12.5 [+5.0, +22.5] (shape 90 %) | -2.0 [-10.0, +8.0] (shape 70 %) |"
+  )
+  assert table[3] == "| 500 | 0.0001 | 1 | +0.0 [-4.0, +10.0] (shape 90 %) | - |"
