@@ -5,30 +5,26 @@ Its own module so that pytest-xdist runs it beside the other toy tests.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
 import jax
 import numpy as np
+import pytest
 
 from dpo_jax.models import loader
 
 
-def test_reduced_toy_run_dpo_raises_train_prompt_reward(tmp_path):
-  """Pretrain a small base, sample + label pairs, DPO through the trainer, re-score.
-
-  A reduced version of `python -m dpo_jax.toy`: fewer pretraining steps,
-  seeds and DPO steps, through the same code path (parquet -> TFDS -> grain ->
-  trainer). The assertion is the direction: DPO raises the mean reward of the
-  training prompts on fresh seeds (the judge's attribute rates are printed).
-  """
+@pytest.fixture(scope="module")
+def reduced_config(tmp_path_factory):
+  """The toy config at the reduced scale, its base and pairs built (in a temporary cache)."""
   from configs import toy as toy_config
-  from dpo_jax import checkpoint, trainer
-  from dpo_jax.toy import judge, run, world
+  from dpo_jax.toy import run
 
   c = toy_config.get_config()
   c.unlock()
-  c.toy.cache_dir = str(tmp_path / "cache")
+  c.toy.cache_dir = str(tmp_path_factory.mktemp("toy_cache"))
   c.toy.base_steps = REDUCED["base_steps"]
   c.toy.base_max_steps = 0
   c.toy.pair_seeds = REDUCED["pair_seeds"]
@@ -40,7 +36,21 @@ def test_reduced_toy_run_dpo_raises_train_prompt_reward(tmp_path):
   c.eval_every = 0
   c.checkpoint_every = REDUCED["dpo_steps"]
   c.log_every = 5
-  c = run.materialize(c)
+  return run.materialize(c)
+
+
+def test_reduced_toy_run_dpo_raises_train_prompt_reward(reduced_config, tmp_path):
+  """Pretrain a small base, sample + label pairs, DPO through the trainer, re-score.
+
+  A reduced version of `python -m dpo_jax.toy`: fewer pretraining steps,
+  seeds and DPO steps, through the same code path (parquet -> TFDS -> grain ->
+  trainer). The assertion is the direction: DPO raises the mean reward of the
+  training prompts on fresh seeds (the judge's attribute rates are printed).
+  """
+  from dpo_jax import checkpoint, trainer
+  from dpo_jax.toy import judge, run, world
+
+  c = copy.deepcopy(reduced_config)
   with open(os.path.join(c.data.path, "pairs_report.json")) as f:
     report = json.load(f)
   assert report["rows_written"] >= 8 * REDUCED["dpo_steps"] // 4, report
@@ -95,6 +105,43 @@ def test_reduced_toy_run_dpo_raises_train_prompt_reward(tmp_path):
   print("reduced toy style run (held-out prompts):", summary)
   assert summary["style"]["mean_reward"] > summary["base"]["mean_reward"] + 0.02
   assert summary["style"]["vs_base"]["win_rate_ci_low"] > 0.5
+
+
+def test_tuning_scores_training_prompts_only_and_reuses_finished_runs(
+  reduced_config, tmp_path, monkeypatch
+):
+  """`toy.tune` on the reduced base: a checkpoint per listed step, scored on training prompts."""
+  from dpo_jax import trainer
+  from dpo_jax.toy import run, tune
+
+  c = copy.deepcopy(reduced_config)
+  c.toy.eval_seeds_train = 1
+  heldout = {s.text for s in run.train_and_heldout(c.toy)[1]}
+  sampled = []
+  score_models = run.score_models
+
+  def recording(pipeline, models, specs, seeds, settings):
+    sampled.extend(s.text for s in specs)
+    return score_models(pipeline, models, specs, seeds, settings)
+
+  monkeypatch.setattr(run, "score_models", recording)
+  out = str(tmp_path / "tune")
+  result = tune.tune(c, out, [c.toy.seed], [500.0], [1e-4], [4, 8])
+  assert sampled and heldout and not heldout & set(sampled)
+  assert len(sampled) == 40 * 3  # 40 prompts: the base, then the checkpoints at 4 and 8 steps.
+  rows = {r["steps"]: r for r in result["rows"]}
+  assert sorted(rows) == [4, 8] and {(r["beta"], r["lr"]) for r in rows.values()} == {(500, 1e-4)}
+  for r in rows.values():
+    assert -1 <= r["change_ci_low"] <= r["change"] <= r["change_ci_high"] <= 1
+  assert result["chosen"] == tune.choose({c.toy.seed: {(500.0, 1e-4, n): rows[n] for n in rows}})
+  workdir = os.path.join(out, f"seed{c.toy.seed}", "beta500_lr0.0001")
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+  with open(os.path.join(out, "tune.md")) as f:
+    assert "Chosen: beta 500, lr 0.0001" in f.read()
+
+  # A rerun reuses the finished fine-tune's scores: no training.
+  monkeypatch.setattr(trainer, "train_and_evaluate", lambda *a: pytest.fail("retrained"))
+  assert tune.tune(c, out, [c.toy.seed], [500.0], [1e-4], [4, 8]) == result
 
 
 REDUCED = {

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import ml_collections
 import pytest
 
 from dpo_jax.toy import tune
@@ -54,3 +57,27 @@ def test_table_has_a_cell_per_seed_setting_and_step():
     == "| 500 | 0.0001 | 0 | +12.5 [+5.0, +22.5] (shape 90 %) | -2.0 [-10.0, +8.0] (shape 70 %) |"
   )
   assert table[3] == "| 500 | 0.0001 | 1 | +0.0 [-4.0, +10.0] (shape 90 %) | - |"
+
+
+def test_finished_scores_are_reused_only_for_the_same_config_and_steps(tmp_path):
+  config = ml_collections.ConfigDict({"beta": 500.0, "toy": {"seed": 0}})
+  scores = {"100": _row(0.1, 0.0), "200": _row(0.2, 0.1)}
+  (tmp_path / "scores.json").write_text(json.dumps({"config": config.to_dict(), "scores": scores}))
+  # Reused: nothing is trained or sampled (the pipeline and the base's scores are not needed).
+  assert tune._tune_one(config, str(tmp_path), [100, 200], None, None, None, None) == {
+    100: scores["100"],
+    200: scores["200"],
+  }
+  with pytest.raises(ValueError, match="another config or other steps"):
+    tune._tune_one(config, str(tmp_path), [100, 300], None, None, None, None)
+  config.beta = 2000.0
+  with pytest.raises(ValueError, match=str(tmp_path)):
+    tune._tune_one(config, str(tmp_path), [100, 200], None, None, None, None)
+
+
+def test_one_base_is_not_tuned_as_several_seeds(tmp_path):
+  config = ml_collections.ConfigDict({"pretrained_path": "/some/base", "data": {"path": ""}})
+  with pytest.raises(ValueError, match="one seed's base"):
+    tune.tune(config, str(tmp_path), [0, 1], [500.0], [1e-4], [100])
+  with pytest.raises(ValueError, match="non-positive"):
+    tune.tune(config, str(tmp_path), [0], [500.0], [1e-4], [0, 100])

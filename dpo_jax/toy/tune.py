@@ -129,9 +129,16 @@ def _tune_one(config, workdir: str, steps: Sequence[int], pipeline, base_scored,
   from dpo_jax.toy import run, world
 
   cache = os.path.join(workdir, "scores.json")
+  settings_json = json.loads(config.to_json_best_effort())
   if os.path.exists(cache):
     with open(cache) as f:
-      return {int(k): v for k, v in json.load(f).items()}
+      stored = json.load(f)
+    if stored.get("config") != settings_json or sorted(map(int, stored["scores"])) != list(steps):
+      raise ValueError(
+        f"{cache} holds scores of another config or other steps: delete {workdir} or choose "
+        "another --output."
+      )
+    return {int(k): v for k, v in stored["scores"].items()}
   trainer.train_and_evaluate(config, workdir)
   settings = run.sample_settings(config.toy)
   out = {}
@@ -144,7 +151,7 @@ def _tune_one(config, workdir: str, steps: Sequence[int], pipeline, base_scored,
     summary = run.summarize_attributes({"base": base_scored, **scored}, grid, "base")
     out[n] = change_row(summary["ft"])
   with open(cache, "w") as f:
-    json.dump(out, f, indent=2)
+    json.dump({"config": settings_json, "scores": out}, f, indent=2)
   return out
 
 
@@ -168,6 +175,11 @@ def tune(
   if not steps or steps[0] <= 0 or not seeds or not betas or not lrs:
     raise ValueError(
       f"Empty grid or non-positive steps: seeds {seeds}, betas {betas}, lrs {lrs}, steps {steps}."
+    )
+  if len(seeds) > 1 and (config.pretrained_path or config.data.path):
+    raise ValueError(
+      "A given pretrained_path / data.path is one seed's base and pairs: tune one seed with it, "
+      f"or leave both empty to build each of seeds {list(seeds)}."
     )
   os.makedirs(out_dir, exist_ok=True)
   rows: dict[int, dict[Setting, dict[str, float]]] = {}
