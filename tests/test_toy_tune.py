@@ -81,3 +81,15 @@ def test_one_base_is_not_tuned_as_several_seeds(tmp_path):
     tune.tune(config, str(tmp_path), [0, 1], [500.0], [1e-4], [100])
   with pytest.raises(ValueError, match="non-positive"):
     tune.tune(config, str(tmp_path), [0], [500.0], [1e-4], [0, 100])
+
+
+@pytest.mark.parametrize(
+  "frac,max_steps,steps", [(0.1, 400, 100), (0.1, 400, 400), (0.25, 300, 200)]
+)
+def test_the_chosen_warmup_reproduces_the_tuning_runs_schedule(frac, max_steps, steps):
+  from dpo_jax import optim
+
+  long = optim.lr_schedule(ml_collections.ConfigDict({"lr": 3e-5, "warmup_frac": frac}), max_steps)
+  f = tune.warmup_frac_for(frac, max_steps, steps)
+  short = optim.lr_schedule(ml_collections.ConfigDict({"lr": 3e-5, "warmup_frac": f}), steps)
+  assert [float(short(t)) for t in range(steps + 1)] == [float(long(t)) for t in range(steps + 1)]

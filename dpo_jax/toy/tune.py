@@ -10,8 +10,10 @@ checkpoint with the judge (`toy.judge`) on the *training* prompts only
 (`toy.eval_seeds_train` fresh seeds each). Held-out prompts are never sampled
 here: they are for the final comparison (`python -m dpo_jax.toy`) alone.
 
-A checkpoint at k < max(--steps) differs from a k-step run only in its warmup,
-which is `optim.warmup_frac` of max(--steps).
+The fine-tune behind a checkpoint at k < max(--steps) warms up over
+`optim.warmup_frac` x max(--steps) steps; the chosen setting comes with the
+`warmup_frac` that gives a k-step run that same learning-rate schedule, so
+that run (same seed and data order) is the checkpoint that was scored.
 
 The choice: the setting whose worst seed has the highest lower 95 % bound of
 the all-three change vs the base (a setting must help every seed, not one
@@ -53,6 +55,16 @@ def setting_name(beta: float, lr: float) -> str:
 def checkpoint_every(steps: Sequence[int]) -> int:
   """The checkpoint interval that lands on every listed step."""
   return math.gcd(*steps)
+
+
+def warmup_frac_for(warmup_frac: float, max_steps: int, steps: int) -> float:
+  """The warmup fraction of a `steps`-step run whose lr schedule is a `max_steps` run's.
+
+  `optim.lr_schedule` warms up over round(warmup_frac x max_steps) steps, then
+  stays constant, so a shorter run with this fraction follows the longer run's
+  schedule step for step.
+  """
+  return int(round(warmup_frac * max_steps)) / steps
 
 
 def change_row(summary: Mapping[str, Any]) -> dict[str, float]:
@@ -209,6 +221,7 @@ def tune(
         rows[seed].update({(beta, lr, n): scores[n] for n in steps})
         print(format_table(rows), flush=True)
   chosen = choose(rows)
+  chosen["warmup_frac"] = warmup_frac_for(config.optim.warmup_frac, steps[-1], chosen["steps"])
   result = {
     "objective": config.objective,
     "chosen": chosen,
@@ -221,9 +234,9 @@ def tune(
   with open(os.path.join(out_dir, "tune.json"), "w") as f:
     json.dump(result, f, indent=2)
   summary = (
-    f"Chosen: beta {chosen['beta']:g}, lr {chosen['lr']:g}, {chosen['steps']} steps (worst "
-    f"seed's lower bound {100 * chosen['worst_ci_low']:+.1f}, mean change "
-    f"{100 * chosen['mean_change']:+.1f} points)."
+    f"Chosen: beta {chosen['beta']:g}, lr {chosen['lr']:g}, {chosen['steps']} steps, "
+    f"optim.warmup_frac {chosen['warmup_frac']:g} (worst seed's lower bound "
+    f"{100 * chosen['worst_ci_low']:+.1f}, mean change {100 * chosen['mean_change']:+.1f} points)."
   )
   with open(os.path.join(out_dir, "tune.md"), "w") as f:
     f.write(
