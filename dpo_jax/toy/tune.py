@@ -34,12 +34,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from dpo_jax import logs  # noqa: E402
+from dpo_jax import logs
 
 _DEFAULT_CONFIG = os.path.join(
   os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs", "toy.py"
@@ -254,7 +252,7 @@ def _define_flags() -> None:
   )
   flags.DEFINE_string("output", "runs/toy_tune", "Where workdirs and the tables go.")
   flags.DEFINE_list("seeds", ["0", "1"], "Toy-world seeds (each its own base and pairs).")
-  flags.DEFINE_list("betas", ["500", "2000"], "Values of the objective's beta.")
+  flags.DEFINE_list("betas", ["500", "2000"], "Values of config.beta (DPO's and RPO's beta).")
   flags.DEFINE_list("lrs", ["1e-4", "3e-5"], "Learning rates.")
   flags.DEFINE_list("steps", ["100", "200", "300"], "Steps at which to score.")
 
@@ -278,5 +276,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   _define_flags()
   app.run(main)
