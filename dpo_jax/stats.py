@@ -12,7 +12,7 @@ independently would understate the uncertainty when there are few prompts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -85,3 +85,14 @@ def compare(
     lo, hi = bootstrap_ci(vals, prompts, num_resamples, seed=seed)
     res[f"{name}_ci_low"], res[f"{name}_ci_high"] = lo, hi
   return res
+
+
+def format_mean_diff(c: Mapping[str, float], unit: str = "") -> str:
+  """`compare`'s mean difference of 0 / 1 scores in points with its CI: "+2.1 [-6.2, +9.9]".
+
+  `unit` goes after the value ("+2.1 points [-6.2, +9.9]").
+  """
+  return (
+    f"{100 * c['mean_diff']:+.1f}{unit} [{100 * c['mean_diff_ci_low']:+.1f}, "
+    f"{100 * c['mean_diff_ci_high']:+.1f}]"
+  )

@@ -106,3 +106,12 @@ def test_bootstrap_ci_clusters():
   x = rng.binomial(1, 0.7, size=4000).astype(float)
   lo, hi = stats.bootstrap_ci(x, num_resamples=1000)
   assert lo < 0.7 < hi and hi - lo < 0.06
+
+
+def test_mean_diff_is_formatted_in_points_with_its_ci():
+  c = stats.compare(np.array([1.0, 1.0, 0.0, 1.0]), np.array([0.0, 1.0, 0.0, 0.0]), list("aabb"))
+  lo, hi = 100 * c["mean_diff_ci_low"], 100 * c["mean_diff_ci_high"]
+  assert stats.format_mean_diff(c) == f"+50.0 [{lo:+.1f}, {hi:+.1f}]"
+  assert stats.format_mean_diff(c, " points") == f"+50.0 points [{lo:+.1f}, {hi:+.1f}]"
+  neg = {"mean_diff": -0.0625, "mean_diff_ci_low": -0.125, "mean_diff_ci_high": 0.0}
+  assert stats.format_mean_diff(neg) == "-6.2 [-12.5, +0.0]"

@@ -112,6 +112,7 @@ def write_images(
 
 
 def report_markdown(results: dict[str, Any], models: Sequence[str], heldout: Sequence[str]) -> str:
+  from dpo_jax import stats
   from dpo_jax.toy import run
 
   table = run.format_table(results["rewards"])
@@ -142,10 +143,8 @@ def report_markdown(results: dict[str, Any], models: Sequence[str], heldout: Seq
       lines += [
         f"{a.upper()} vs {b.upper()} on held-out prompts: reward win rate {d['win_rate']:.2f} "
         f"[{d['win_rate_ci_low']:.2f}, {d['win_rate_ci_high']:.2f}] (so {a.upper()} {verdict} "
-        f"{b.upper()} on the reward); all three right {100 * t['mean_diff']:+.1f} points "
-        f"[{100 * t['mean_diff_ci_low']:+.1f}, {100 * t['mean_diff_ci_high']:+.1f}]; blank "
-        f"{100 * k['mean_diff']:+.1f} points [{100 * k['mean_diff_ci_low']:+.1f}, "
-        f"{100 * k['mean_diff_ci_high']:+.1f}].",
+        f"{b.upper()} on the reward); all three right "
+        f"{stats.format_mean_diff(t, ' points')}; blank {stats.format_mean_diff(k, ' points')}.",
         "",
       ]
   style = {k: v for k, v in results["style"].items() if k != "name"}

@@ -111,15 +111,10 @@ def pool(base_dir: str, run_dirs: Sequence[str], model: str) -> dict[str, Any]:
   return out
 
 
-def _cell(c: Mapping[str, float]) -> str:
-  return (
-    f"{100 * c['mean_diff']:+.1f} [{100 * c['mean_diff_ci_low']:+.1f}, "
-    f"{100 * c['mean_diff_ci_high']:+.1f}]"
-  )
-
-
 def format_table(result: Mapping[str, Any], metric: str = "all_three") -> str:
   """Markdown: per split, each run's change and the mean of the runs' change."""
+  from dpo_jax import stats
+
   n = len(result["runs"])
   lines = [
     f"| prompts | {' | '.join(os.path.basename(os.path.normpath(d)) for d in result['runs'])} "
@@ -128,7 +123,8 @@ def format_table(result: Mapping[str, Any], metric: str = "all_three") -> str:
   ]
   for split in SPLITS:
     r = result[split]
-    cells = [_cell(run[metric]) for run in r["runs"]] + [_cell(r["mean"][metric])]
+    runs = [*r["runs"], r["mean"]]
+    cells = [stats.format_mean_diff(run[metric]) for run in runs]
     lines.append(f"| {split.replace('_', ' ')} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

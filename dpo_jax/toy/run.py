@@ -397,12 +397,7 @@ def format_attribute_table(result: Mapping[str, Mapping[str, Any]], baseline: st
     for name, row in models.items():
       a = row["all_three"]
       vs = a.get("vs_" + baseline)
-      change = (
-        f"{100 * vs['mean_diff']:+.1f} [{100 * vs['mean_diff_ci_low']:+.1f}, "
-        f"{100 * vs['mean_diff_ci_high']:+.1f}]"
-        if vs
-        else "-"
-      )
+      change = stats.format_mean_diff(vs) if vs else "-"
       lines.append(
         f"| {split.replace('_', ' ')} | {name} | {_pct(row['colour']['rate'])} % "
         f"| {_pct(row['quadrant']['rate'])} % | {_pct(row['shape']['rate'])} % "

@@ -151,13 +151,13 @@ def _tune_one(config, workdir: str, steps: Sequence[int], pipeline, base_scored,
     return {int(k): v for k, v in stored["scores"].items()}
   trainer.train_and_evaluate(config, workdir)
   settings = run.sample_settings(config.toy)
+  grid = world.grid_specs(specs, seeds)[0]
   out = {}
   for n in steps:
     params, _ = checkpoint.load_params_for_inference(os.path.join(workdir, "checkpoints", str(n)))
     scored = run.score_models(
       pipeline, {"ft": lora.full_unet(config, params, pipeline.unet_params)}, specs, seeds, settings
     )
-    grid = world.grid_specs(specs, seeds)[0]
     summary = run.summarize_attributes({"base": base_scored, **scored}, grid, "base")
     out[n] = change_row(summary["ft"])
   with open(cache, "w") as f:
