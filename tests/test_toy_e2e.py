@@ -18,88 +18,106 @@ from dpo_jax.models import loader
 
 @pytest.fixture(scope="module")
 def reduced_config(tmp_path_factory):
-  """The toy config at the reduced scale, its base and pairs built (in a temporary cache)."""
+  """The toy config at the reduced scale, its base and pairs built (in a temporary cache).
+
+  The base is the default one (the same stop rule: judged every 250 steps from
+  750 on until 60 % of the training prompts' samples are right in all three
+  attributes), since DPO can only teach what a base half follows: on a base
+  that ignores the quadrant words (750 steps, or the old 100-step reduced base)
+  DPO raised the reward, not the attributes. What is reduced is the pairs
+  (8 seeds per prompt instead of 16), the models (DPO only, no SFT / RPO) and
+  the evaluation (training prompts x 4 seeds; the style run's held-out x 6).
+  """
   from configs import toy as toy_config
   from dpo_jax.toy import run
 
   c = toy_config.get_config()
   c.unlock()
   c.toy.cache_dir = str(tmp_path_factory.mktemp("toy_cache"))
-  c.toy.base_steps = REDUCED["base_steps"]
-  c.toy.base_max_steps = 0
   c.toy.pair_seeds = REDUCED["pair_seeds"]
-  c.toy.pair_prompts = REDUCED["pair_prompts"]
-  c.toy.sample_steps = REDUCED["sample_steps"]
-  c.max_steps = REDUCED["dpo_steps"]
-  # The reduced recipe's own warmup (3 of 30 steps): the default's 0.4 (40 of 100
-  # steps, the tuned checkpoint's schedule) would spend 12 of these 30 warming up.
-  c.optim.warmup_frac = 0.1
-  c.data.global_batch_size = 8
-  c.data.eval_batch_size = 8
   c.eval_every = 0
-  c.checkpoint_every = REDUCED["dpo_steps"]
-  c.log_every = 5
+  c.checkpoint_every = c.max_steps
   return run.materialize(c)
 
 
-def test_reduced_toy_run_dpo_raises_train_prompt_reward(reduced_config, tmp_path):
-  """Pretrain a small base, sample + label pairs, DPO through the trainer, re-score.
+def judged_change(scored, specs, metric):
+  """`stats.compare` of the DPO vs base 0 / 1 judge scores of `metric` (prompt-clustered CI)."""
+  from dpo_jax import stats
+  from dpo_jax.toy import judge
 
-  A reduced version of `python -m dpo_jax.toy`: fewer pretraining steps,
-  seeds and DPO steps, through the same code path (parquet -> TFDS -> grain ->
-  trainer). The assertion is the direction: DPO raises the mean reward of the
-  training prompts on fresh seeds (the judge's attribute rates are printed).
+  acc = {name: judge.accuracy(images, specs)[metric] for name, (images, _) in scored.items()}
+  return stats.compare(acc["dpo"], acc["base"], [s.text for s in specs])
+
+
+def test_reduced_toy_run_dpo_raises_train_prompt_accuracy(reduced_config, tmp_path):
+  """Pretrain the base, sample + label pairs, DPO through the trainer, judge the samples.
+
+  The default DPO recipe (100 steps of 16 pairs, beta 500, lr 1e-4) through the
+  same code path as `python -m dpo_jax.toy` (parquet -> TFDS -> grain ->
+  trainer), on fewer pairs. Asserted on fresh seeds of the training prompts:
+  the reward rises, and so does the judge's accuracy, which reads the image
+  alone. The quadrant, the attribute the base half ignores and that most pairs
+  are about, rises with its 95 % CI above zero; all three right and the mean
+  of the three rates rise. Measured on this base (seed 0, 2-core AVX-512 host;
+  three fine-tune seeds, 40 prompts x 4-8 seeds): quadrant +9 to +13 points,
+  each CI above +5; all three +3.8 to +7.5, CIs from [-5.6, +12.5] to
+  [+1.3, +13.8], which is why the all-three assertion is on the direction only.
   """
-  from dpo_jax import checkpoint, trainer
+  from dpo_jax import checkpoint, stats, trainer
   from dpo_jax.toy import judge, run, world
 
   c = copy.deepcopy(reduced_config)
+  with open(os.path.join(c.pretrained_path, "toy_base.json")) as f:
+    checks = json.load(f)["checks"]
+  print("reduced toy base, judge checks:", checks)
+  assert checks and checks[-1]["all_three"] >= c.toy.base_target_all_three, checks
   with open(os.path.join(c.data.path, "pairs_report.json")) as f:
     report = json.load(f)
-  assert report["rows_written"] >= 8 * REDUCED["dpo_steps"] // 4, report
+  assert report["rows_written"] >= c.data.global_batch_size * 10, report
   result = trainer.train_and_evaluate(c, str(tmp_path / "dpo"))
-  assert result["state"].step == REDUCED["dpo_steps"]
+  assert result["state"].step == c.max_steps
   # What `python -m dpo_jax.sample --checkpoint=WORKDIR` reads back: the final params.
   restored, meta = checkpoint.load_params_for_inference(str(tmp_path / "dpo"))
-  assert meta["step"] == REDUCED["dpo_steps"] and meta["config"]["pretrained_path"]
+  assert meta["step"] == c.max_steps and meta["config"]["pretrained_path"]
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(result["state"].params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   pipe = loader.load_pipeline(c.pretrained_path)
+  train_specs = run.train_and_heldout(c.toy)[0]
+  seeds = run.eval_seeds(c.toy, train_prompts=True)
   scored = run.score_models(
     pipe,
     {"base": pipe.unet_params, "dpo": result["state"].params},
-    run.pair_prompts(c.toy),
-    list(range(10_000, 10_000 + REDUCED["eval_seeds"])),
+    train_specs,
+    seeds,
     run.sample_settings(c.toy),
   )
+  grid = world.grid_specs(train_specs, seeds)[0]
   base_r, dpo_r = scored["base"][1], scored["dpo"][1]
-  print(f"reduced toy run: base {base_r.mean():.3f} -> dpo {dpo_r.mean():.3f}")
-  assert dpo_r.mean() > base_r.mean() + 0.02, (base_r.mean(), dpo_r.mean())
-  # The judge's view, printed but not asserted: issue #17 asks this test to
-  # assert that DPO raises the share of attributes drawn right, but at a scale
-  # the suite can afford it does not. A base learns the quadrant words only
-  # after 750-1500 steps (docs/toy_experiments.md); measured with a 400-step
-  # base (batch 16) and 60 DPO steps on 8 prompts x 24 seeds: all three right
-  # 5.7 % -> 7.8 %, quadrant 18.8 -> 25.0 %, colour 76 -> 60 %, while the reward
-  # rose -1.12 -> -1.02. The full comparison (`python -m dpo_jax.toy`) is where
-  # the attribute gain is measured.
-  grid = world.grid_specs(run.pair_prompts(c.toy), range(REDUCED["eval_seeds"]))[0]
-  acc = {k: judge.accuracy(v[0], grid) for k, v in scored.items()}
+  change = {m: judged_change(scored, grid, m) for m in judge.METRICS}
+  print(f"reduced toy run: reward base {base_r.mean():.3f} -> dpo {dpo_r.mean():.3f}")
+  for m, cmp in change.items():
+    print(f"reduced toy run, {m}: change {stats.format_mean_diff(cmp, ' points')}")
+  assert dpo_r.mean() > base_r.mean() + 0.05, (base_r.mean(), dpo_r.mean())
+  assert change["quadrant"]["mean_diff_ci_low"] > 0, change["quadrant"]
+  assert change["all_three"]["mean_diff"] > 0, change["all_three"]
   attrs = ("colour", "quadrant", "shape")
-  right = {k: float(np.mean([a[m].mean() for m in attrs])) for k, a in acc.items()}
-  print("reduced toy run, attributes right:", right, [a["all_three"].mean() for a in acc.values()])
+  assert sum(change[m]["mean_diff"] for m in attrs) > 0, change
+  # Not a collapse to blank canvases (one blank in 160 is noise).
+  assert change["blank"]["mean_diff"] < 0.02, change["blank"]
 
   # Style alignment on the same base: DPO on (amber duotone > original) pairs
   # built from the pairs' images moves fresh samples toward the palette.
   c.toy.style = "amber_duotone"
   c.data.path = ""
+  c.data.global_batch_size = 8
   c.max_steps = c.checkpoint_every = REDUCED["style_steps"]
+  c.optim.warmup_frac = 0.1
   c = run.materialize(c)
   with open(os.path.join(c.data.path, "style_report.json")) as f:
     assert json.load(f)["splits"]["train"]["pairs_written"] >= 8
   styled = trainer.train_and_evaluate(c, str(tmp_path / "style"))["state"].params
   heldout = run.train_and_heldout(c.toy)[1]
-  seeds = list(range(10_000, 10_000 + REDUCED["eval_seeds"]))
+  seeds = list(range(10_000, 10_000 + REDUCED["style_eval_seeds"]))
   scored = run.score_models(
     pipe, {"base": pipe.unet_params, "style": styled}, heldout, seeds, run.sample_settings(c.toy)
   )
@@ -119,6 +137,7 @@ def test_tuning_scores_training_prompts_only_and_reuses_finished_runs(
 
   c = copy.deepcopy(reduced_config)
   c.toy.eval_seeds_train = 1
+  c.data.global_batch_size = 8
   heldout = {s.text for s in run.train_and_heldout(c.toy)[1]}
   sampled = []
   score_models = run.score_models
@@ -137,7 +156,7 @@ def test_tuning_scores_training_prompts_only_and_reuses_finished_runs(
   for r in rows.values():
     assert -1 <= r["change_ci_low"] <= r["change"] <= r["change_ci_high"] <= 1
   chosen = dict(result["chosen"])
-  assert chosen.pop("warmup_frac") == tune.warmup_frac_for(0.1, 8, chosen["steps"])
+  assert chosen.pop("warmup_frac") == tune.warmup_frac_for(c.optim.warmup_frac, 8, chosen["steps"])
   assert chosen == tune.choose({c.toy.seed: {(500.0, 1e-4, n): rows[n] for n in rows}})
   workdir = os.path.join(out, f"seed{c.toy.seed}", "beta500_lr0.0001")
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
@@ -150,11 +169,7 @@ def test_tuning_scores_training_prompts_only_and_reuses_finished_runs(
 
 
 REDUCED = {
-  "base_steps": 100,
   "pair_seeds": 8,
-  "pair_prompts": 8,
-  "sample_steps": 10,
-  "dpo_steps": 30,
   "style_steps": 20,
-  "eval_seeds": 6,
+  "style_eval_seeds": 6,
 }
