@@ -23,7 +23,9 @@ def quiet_libraries() -> None:
   Run time does not need diffusers; it is not imported here (seconds, and torch
   with it) unless it already was, e.g. by the PyTorch parity tool.
   """
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):  # Once per process.
+    handler.addFilter(_QuietLibraries())
   if "diffusers" in sys.modules:
     from diffusers.utils import logging as diffusers_logging
 

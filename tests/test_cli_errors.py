@@ -251,3 +251,28 @@ def test_preflight_knows_the_cache_layout():
   from dpo_jax.data import cache
 
   assert preflight.CACHE_META == cache.META
+
+
+def test_quiet_libraries_filters_orbax_info_once_per_process():
+  import logging as std_logging
+
+  from absl import logging as absl_logging
+
+  from dpo_jax import logs
+
+  handler = absl_logging.get_absl_handler()
+  saved = list(handler.filters)
+  try:
+    for _ in range(3):  # Each in-process CLI main() calls it.
+      logs.quiet_libraries()
+    quiet = [f for f in handler.filters if isinstance(f, logs._QuietLibraries)]
+    assert len(quiet) == 1, handler.filters
+
+    def record(level, path):
+      return std_logging.LogRecord("x", level, path, 1, "msg", None, None)
+
+    assert not quiet[0].filter(record(std_logging.INFO, "/site-packages/orbax/checkpoint/x.py"))
+    assert quiet[0].filter(record(std_logging.WARNING, "/site-packages/orbax/checkpoint/x.py"))
+    assert quiet[0].filter(record(std_logging.INFO, "/repo/dpo_jax/trainer.py"))
+  finally:
+    handler.filters[:] = saved
