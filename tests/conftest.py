@@ -24,7 +24,6 @@ if _OWN_CACHE:
 
 import pytest  # noqa: E402
 
-
 # Modules that take minutes, longest first (measured on 2 idle cores). The CI
 # command runs with `--dist loadfile --no-loadscope-reorder`, so xdist hands
 # out modules in collection order: starting the long ones first keeps one of
