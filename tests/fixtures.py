@@ -419,10 +419,14 @@ def run_sample_cli(*args: str) -> None:
   if "prompts" not in flags.FLAGS:
     sample._define_flags()
   flags.FLAGS.unparse_flags()
+  # Parsing the global flags applies absl's --verbosity (default: WARNING) to
+  # the "absl" logger; later tests in this process must still see INFO records.
+  absl_level = logging.getLogger("absl").level
   try:
     sample.cli_main(flags.FLAGS(["sample", *args]))
   finally:
     flags.FLAGS.unparse_flags()
+    logging.getLogger("absl").setLevel(absl_level)
 
 
 class _WarningRecords(logging.Handler):

@@ -250,7 +250,7 @@ def test_changed_data_or_seed_or_old_state_is_refused():
 
 def test_leftover_rows_are_logged_once_per_epoch(caplog):
   it = synthetic.ArrayPairIterator({"x": np.arange(1000)}, 300, seed=0)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     _epoch_rows(it, 7)  # Epochs 0, 1 (3 batches each) and the start of 2.
   msgs = [r.getMessage() for r in caplog.records if "Data epoch" in r.getMessage()]
   assert len(msgs) == 3

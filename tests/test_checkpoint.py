@@ -245,7 +245,7 @@ def test_save_that_never_commits_raises(tmp_path, monkeypatch):
 def test_load_params_for_inference_without_metadata_warning(tmp_path, caplog):
   d = str(tmp_path / "ckpt")
   _write(d)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):  # orbax logs through absl.
     params, meta = checkpoint.load_params_for_inference(d)
   assert meta == {"config": {}}
   np.testing.assert_array_equal(params["dense"]["kernel"], np.arange(32.0).reshape(8, 4) * 4)

@@ -505,7 +505,7 @@ def test_clip_text_clean():
 
 
 def test_leftover_rows_logged_once_per_epoch(world, caplog):
-  caplog.set_level("INFO")
+  caplog.set_level("INFO", logger="absl")  # Our log lines go through absl.
   it = _iterator(world, seed=4)
   batches = _take(it, 2 * it.batches_per_epoch)
   it.close()
