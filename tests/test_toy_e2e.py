@@ -40,15 +40,6 @@ def reduced_config(tmp_path_factory):
   return run.materialize(c)
 
 
-def judged_change(scored, specs, metric):
-  """`stats.compare` of the DPO vs base 0 / 1 judge scores of `metric` (prompt-clustered CI)."""
-  from dpo_jax import stats
-  from dpo_jax.toy import judge
-
-  acc = {name: judge.accuracy(images, specs)[metric] for name, (images, _) in scored.items()}
-  return stats.compare(acc["dpo"], acc["base"], [s.text for s in specs])
-
-
 def test_reduced_toy_run_dpo_raises_train_prompt_accuracy(reduced_config, tmp_path):
   """Pretrain the base, sample + label pairs, DPO through the trainer, judge the samples.
 
@@ -64,7 +55,7 @@ def test_reduced_toy_run_dpo_raises_train_prompt_accuracy(reduced_config, tmp_pa
   [+1.3, +13.8], which is why the all-three assertion is on the direction only.
   """
   from dpo_jax import checkpoint, stats, trainer
-  from dpo_jax.toy import judge, run, world
+  from dpo_jax.toy import run, world
 
   c = copy.deepcopy(reduced_config)
   with open(os.path.join(c.pretrained_path, "toy_base.json")) as f:
@@ -93,7 +84,9 @@ def test_reduced_toy_run_dpo_raises_train_prompt_accuracy(reduced_config, tmp_pa
   )
   grid = world.grid_specs(train_specs, seeds)[0]
   base_r, dpo_r = scored["base"][1], scored["dpo"][1]
-  change = {m: judged_change(scored, grid, m) for m in judge.METRICS}
+  change = {
+    m: v["vs_base"] for m, v in run.summarize_attributes(scored, grid, "base")["dpo"].items()
+  }
   print(f"reduced toy run: reward base {base_r.mean():.3f} -> dpo {dpo_r.mean():.3f}")
   for m, cmp in change.items():
     print(f"reduced toy run, {m}: change {stats.format_mean_diff(cmp, ' points')}")
