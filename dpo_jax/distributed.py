@@ -10,6 +10,8 @@ processes started by hand with an explicit coordinator. `--distributed`:
 `--coordinator_address`, `--num_processes`, `--process_id` override what
 JAX would detect (also read from JAX_COORDINATOR_ADDRESS). Processes on the
 CPU backend (tests, `JAX_PLATFORMS=cpu`) get gloo collectives.
+
+`barrier` lines the processes up before a freshly compiled program's first run.
 """
 
 from __future__ import annotations
@@ -103,3 +105,21 @@ def initialize_from_flags() -> bool:
   """`initialize` with the values of the flags from `define_flags`."""
   f = flags.FLAGS
   return initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+  """Waits until every process has reached `name`; a no-op with one process.
+
+  Through the coordination service, not a device collective. Compile times
+  differ between hosts, and on the CPU backend a gloo collective whose peers
+  arrive more than 30 s apart fails whatever the collective timeout flags say
+  (jax-ml/jax#40831), so a run calls this between compiling a program and its
+  first run. Reusable: the same `name` may be waited on again later.
+  """
+  import jax
+
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp
+
+  ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)

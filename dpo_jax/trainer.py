@@ -48,6 +48,7 @@ from etils import epath
 
 from dpo_jax import (
   checkpoint,
+  distributed,
   lora,
   metrics,
   optim,
@@ -309,6 +310,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Pree
     micro_abstract,
   )
   compiled, flops, eval_batch = None, float("nan"), None
+  eval_step = step_lib.jit_eval_step(spec, param_sh, base_sh, batch_sh, repl)
   if start_step < config.max_steps:  # A finished run is neither compiled nor evaluated again.
     # Ahead-of-time compile: shape/sharding errors surface before any data is
     # read, and the cost analysis gives the step's FLOPs for MFU.
@@ -323,6 +325,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Pree
     if data.eval_batch is not None:
       micro_local = jax.tree.leaves(data.train.element_spec)[0].shape[0]
       eval_batch = _encode_eval_batch(data.eval_batch, encode_local, stack, micro_local)
+      # Compiled now, not at the first eval, so that `train_loop`'s start-up
+      # barrier also covers it.
+      eval_step = eval_step.lower(state.params, ref_params, eval_batch, eval_rng).compile()
   return Run(
     config=config,
     workdir=workdir,
@@ -342,7 +347,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, stop: preemption.Pree
     eval_rng=eval_rng,
     start_step=start_step,
     train_step=compiled,
-    eval_step=step_lib.jit_eval_step(spec, param_sh, base_sh, batch_sh, repl),
+    eval_step=eval_step,
     eval_batch=eval_batch,
     next_batch=next_batch,
     flops=flops,
@@ -382,7 +387,11 @@ def train_loop(run: Run) -> dict[str, Any]:
   state = run.state
   try:
     for step in range(run.start_step + 1, config.max_steps + 1):
-      state, m = run.train_step(state, run.ref_params, run.next_batch(), run.train_rng)
+      batch = run.next_batch()
+      if step == run.start_step + 1:
+        # Every process has compiled its programs: start their first runs together.
+        distributed.barrier(f"dpo_jax_first_step_{step}")
+      state, m = run.train_step(state, run.ref_params, batch, run.train_rng)
       pending.append((step, m))
       if step == run.start_step + 1:
         jax.block_until_ready(m)

@@ -170,6 +170,7 @@ def _run_pair(command, timeout: float, while_running=None) -> list[str]:
         args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
       )
     )
+  outs = None
   try:
     if while_running is not None:
       while_running(procs)
@@ -179,6 +180,9 @@ def _run_pair(command, timeout: float, while_running=None) -> list[str]:
       if p.poll() is None:
         p.kill()
         p.wait()
+    if outs is None:  # Failed or timed out: the test's report shows what each printed.
+      for pid, p in enumerate(procs):
+        print(f"--- process {pid}, exit {p.returncode} ---\n{p.communicate()[0][-6000:]}")
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
   return outs
 
@@ -198,13 +202,21 @@ def run_two_processes(*worker_args: str, timeout: float) -> list[str]:
 
 
 def run_train_cli_two_processes(
-  workdir: str, timeout: float, while_running=None, **extra
+  workdir: str, timeout: float, while_running=None, slow_compile_s: float = 0, **extra
 ) -> list[str]:
   """`train_cli` as processes 0 and 1 of one job (4 CPU devices each), started through
-  launch/multinode.sh as a user would; -> each process's output."""
+  launch/multinode.sh as a user would; -> each process's output.
+
+  `slow_compile_s`: process 1's first ahead-of-time compile (the train step)
+  finishes that much later (tests/slow_compile).
+  """
 
   def command(pid, port):
     args, env = train_cli(workdir, devices=4, **extra)
+    if pid == 1 and slow_compile_s:
+      hook = os.path.join(REPO, "tests", "slow_compile")
+      env["PYTHONPATH"] = hook + os.pathsep + env["PYTHONPATH"]
+      env["DPO_JAX_TEST_SLOW_COMPILE_S"] = str(slow_compile_s)
     assert args[1:3] == ["-m", "dpo_jax.train"]
     script = os.path.join(REPO, "launch", "multinode.sh")
     env.update(COORDINATOR=f"127.0.0.1:{port}", NUM_NODES="2", NODE_RANK=str(pid))

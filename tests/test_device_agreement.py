@@ -75,9 +75,11 @@ def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
   # Two processes x 4 devices (gloo collectives), started as users do (the
   # CLI through launch/multinode.sh), same global mesh and batch: the
   # assembled global batches are identical, so the run agrees up to the
-  # reduction order of cross-process collectives. The run is preempted: both
-  # processes get SIGTERM once a random step has finished, agree on a step,
-  # save it and exit 0; a single process then resumes and finishes.
+  # reduction order of cross-process collectives. Process 1 compiles 40 s
+  # slower than process 0 (gloo gives a late peer 30 s; the trainer's barrier
+  # waits). The run is preempted: both processes get SIGTERM once a random step
+  # has finished, agree on a step, save it and exit 0; a single process then
+  # resumes and finishes.
   multi = str(tmp_path / "multihost")
   mesh = {"mesh.data": 2, "mesh.fsdp": 4}
   signal_after = random.Random().randint(1, 2)
@@ -85,12 +87,14 @@ def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
   def preempt(procs):
     deadline = time.time() + 500
     while not (read_jsonl_if_exists(multi) and max(read_jsonl(multi)) >= signal_after):
-      assert all(p.poll() is None for p in procs) and time.time() < deadline
+      exited = [p.returncode for p in procs if p.poll() is not None]
+      assert not exited, f"a process exited before step {signal_after}: {exited}"
+      assert time.time() < deadline, f"no step {signal_after} within 500 s"
       time.sleep(0.01)
     for p in procs:
       p.send_signal(signal.SIGTERM)
 
-  outs = run_train_cli_two_processes(multi, 600, preempt, max_steps=5, **mesh)
+  outs = run_train_cli_two_processes(multi, 600, preempt, slow_compile_s=40, max_steps=5, **mesh)
   saved = sorted(int(d) for d in os.listdir(os.path.join(multi, "checkpoints")) if d.isdigit())
   assert saved and signal_after <= saved[-1] < 5, (signal_after, saved)
   for pid, out in enumerate(outs):
