@@ -44,8 +44,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
+from dpo_jax import distributed, sampler, sharding
 from dpo_jax import prompts as prompts_lib
-from dpo_jax import sampler, sharding
 from dpo_jax.models import conditioning
 from dpo_jax.models import unet as unet_lib
 from dpo_jax.models.loader import Pipeline
@@ -312,6 +312,11 @@ def generate(
         initial_noise([seeds[i] for i in padded], shape),
       )
     )
+    if start == 0 and jax.process_count() > 1:
+      # Compiled here (a cache hit after the first call), then every process
+      # starts the sampler together (see `distributed.barrier`).
+      fn = fn.lower(unet_params, frozen, ids, noise).compile()
+      distributed.barrier("dpo_jax_generate")
     images = _to_host(fn(unet_params, frozen, ids, noise))
     out.append(images[: len(idx)])
     if progress is not None:

@@ -187,16 +187,29 @@ def _run_pair(command, timeout: float, while_running=None) -> list[str]:
   return outs
 
 
-def run_two_processes(*worker_args: str, timeout: float) -> list[str]:
+def slow_compile_env(env: dict[str, str], seconds: float) -> dict[str, str]:
+  """`env` whose process returns from its first ahead-of-time compile `seconds`
+  late (tests/slow_compile), as a host that compiles slower than its peers."""
+  hook = os.path.join(REPO, "tests", "slow_compile")
+  return dict(
+    env,
+    PYTHONPATH=hook + os.pathsep + env.get("PYTHONPATH", ""),
+    DPO_JAX_TEST_SLOW_COMPILE_S=str(seconds),
+  )
+
+
+def run_two_processes(*worker_args: str, timeout: float, slow_compile_s: float = 0) -> list[str]:
   """Runs `tests/multihost_worker.py` as processes 0 and 1 of one jax.distributed job.
 
   Each process owns 4 CPU devices; gloo provides the collectives (see the
   worker). Returns each process's stdout and stderr, in process order.
+  `slow_compile_s`: process 1 compiles that much slower (`slow_compile_env`).
   """
   env = dict(os.environ, PYTHONPATH=REPO)
 
   def command(pid, port):
-    return [sys.executable, MULTIHOST_WORKER, str(pid), str(port), *worker_args], env
+    run_env = slow_compile_env(env, slow_compile_s) if pid == 1 and slow_compile_s else env
+    return [sys.executable, MULTIHOST_WORKER, str(pid), str(port), *worker_args], run_env
 
   return _run_pair(command, timeout)
 
@@ -207,16 +220,14 @@ def run_train_cli_two_processes(
   """`train_cli` as processes 0 and 1 of one job (4 CPU devices each), started through
   launch/multinode.sh as a user would; -> each process's output.
 
-  `slow_compile_s`: process 1's first ahead-of-time compile (the train step)
-  finishes that much later (tests/slow_compile).
+  `slow_compile_s`: process 1 compiles the train step that much slower
+  (`slow_compile_env`).
   """
 
   def command(pid, port):
     args, env = train_cli(workdir, devices=4, **extra)
     if pid == 1 and slow_compile_s:
-      hook = os.path.join(REPO, "tests", "slow_compile")
-      env["PYTHONPATH"] = hook + os.pathsep + env["PYTHONPATH"]
-      env["DPO_JAX_TEST_SLOW_COMPILE_S"] = str(slow_compile_s)
+      env = slow_compile_env(env, slow_compile_s)
     assert args[1:3] == ["-m", "dpo_jax.train"]
     script = os.path.join(REPO, "launch", "multinode.sh")
     env.update(COORDINATOR=f"127.0.0.1:{port}", NUM_NODES="2", NODE_RANK=str(pid))
