@@ -52,6 +52,7 @@ import numpy as np
 from absl import flags, logging
 from etils import epath
 
+from dpo_jax import distributed
 from dpo_jax.models import conditioning
 
 FORMAT = 2  # 1: .npz shards (not memory-mappable), no dtypes, no eval split.
@@ -209,11 +210,9 @@ def write_cache(
       logging.info(
         "Cache %s shard %d/%d: %d examples -> %s", split, k + 1, num_shards, len(rows), shard_dir
       )
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    # meta.json, written last, marks the whole cache complete.
-    multihost_utils.sync_global_devices("dpo_jax_cache_shards_written")
+  # meta.json, written last, marks the whole cache complete. A coordination-service
+  # barrier, not a device collective: processes finish their shards far apart.
+  distributed.barrier("dpo_jax_cache_shards_written", timeout_s=24 * 3600)
   if jax.process_index() == 0:
     uncond = {k: np.asarray(v) for k, v in conditioning.empty_prompt_conditioning(pipe).items()}
     (out_dir / UNCOND).mkdir(parents=True, exist_ok=True)
@@ -461,7 +460,7 @@ def to_step_batch(flat: dict[str, Any], rpo_embedding: str = "") -> dict[str, An
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  from dpo_jax import distributed, preflight
+  from dpo_jax import preflight
   from dpo_jax.models import build as build_lib
 
   config, output = flags.FLAGS.config, flags.FLAGS.output
@@ -484,7 +483,7 @@ if __name__ == "__main__":
 
   from ml_collections import config_flags
 
-  from dpo_jax import distributed, preflight
+  from dpo_jax import preflight
 
   preflight.check_config_args(sys.argv)  # One line for a misspelt --config.FIELD.
   distributed.define_flags()

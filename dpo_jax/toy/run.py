@@ -34,7 +34,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from dpo_jax import lora, sample, stats
+from dpo_jax import distributed, lora, sample, stats
 from dpo_jax.data import style as style_lib
 from dpo_jax.models import loader
 from dpo_jax.toy import base, judge, prefs, reward, world
@@ -244,11 +244,10 @@ def materialize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     pairs = ensure_pairs(toy, base_path)
     return base_path, ensure_style_pairs(pairs, toy.style) if toy.style else pairs
 
-  from jax.experimental import multihost_utils
-
   if jax.process_index() == 0:
     resolved = resolve()
-  multihost_utils.sync_global_devices("dpo_jax_toy_assets")
+  # The others wait minutes while process 0 pretrains: a barrier, not a device collective.
+  distributed.barrier("dpo_jax_toy_assets")
   if jax.process_index() != 0:
     resolved = resolve()  # Reads what process 0 built.
   config.pretrained_path, config.data.path = resolved
